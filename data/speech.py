@@ -1,0 +1,238 @@
+"""Speech data: an embedded synthetic corpus (no download, no file) and a reader for real audio folders.
+
+SyntheticSpeech(n, seed)  utterances of 1–4 s at 16 kHz made of phone-like units (voiced harmonics shaped
+                          by formants with a pitch contour, noise bands, plosive bursts, silences), each
+                          with its transcript: upper-case letters and spaces, one letter per unit.
+AudioFolder(root)         every .wav/.flac under root; transcripts from LibriSpeech-style *.trans.txt.
+Both return (waveform float32 (S,), transcript str). `crop_and_pad` batches them.
+"""
+import struct
+from math import gcd
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+SR = 16_000
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file or the flag."""
+
+
+# ---------------------------------------------------------------------------------------------- synthetic corpus
+# formants (Hz) of voiced units; noise bands (Hz) of fricatives and plosive bursts
+VOWELS = {'A': (730, 1090, 2440), 'E': (530, 1840, 2480), 'I': (270, 2290, 3010), 'O': (570, 840, 2410), 'U': (300, 870, 2240)}
+SONORANTS = {'M': (250, 1100, 2300), 'N': (250, 1700, 2600), 'L': (360, 1300, 2700), 'R': (420, 1300, 1600)}
+FRICATIVES = {'S': (4000, 7500), 'F': (1200, 7000), 'H': (400, 2500)}
+PLOSIVES = {'P': (300, 1500), 'T': (3000, 6500), 'K': (1500, 3200)}
+CONSONANTS = ''.join(SONORANTS) + ''.join(FRICATIVES) + ''.join(PLOSIVES)
+
+
+def _lexicon(rng, size=64):
+    """Pronounceable words of 1–3 (C)V(C) syllables, fixed by the seed."""
+    def pick(letters, prob=1.0):
+        return str(rng.choice(list(letters))) if rng.random() < prob else ''
+    words = set()
+    while len(words) < size:
+        words.add(''.join(pick(CONSONANTS, 0.8) + pick(VOWELS) + pick('MNLRST', 0.3) for _ in range(rng.integers(1, 4))))
+    return list(rng.permutation(sorted(words)))                              # random order: Zipf ranks are not alphabetical
+
+
+def _fade(n, ms=8):
+    """Raised-cosine onset and offset, so units join without clicks."""
+    env, k = np.ones(n), min(int(ms * SR / 1000), n // 2)
+    ramp = 0.5 - 0.5 * np.cos(np.linspace(0, np.pi, k))
+    env[:k], env[n - k:] = ramp, ramp[::-1]
+    return env
+
+
+def _voiced(phase, f0, formants, scale):
+    """Harmonics of f0 up to 5 kHz, weighted by Gaussian formant resonances and a −3 dB/octave tilt."""
+    h = np.arange(1, int(5000 / f0) + 1)                                                       # harmonic numbers
+    amp = sum(np.exp(-0.5 * ((h * f0 - F * scale) / (60 + 0.08 * F)) ** 2) / (i + 1) for i, F in enumerate(formants))
+    amp = amp / np.sqrt(h)
+    return (amp[:, None] * np.sin(h[:, None] * phase[None])).sum(0) / (amp.sum() + 1e-9)
+
+
+def _noise(rng, n, lo, hi):
+    """White noise band-passed to [lo, hi] Hz with an FFT mask, unit RMS."""
+    spec = np.fft.rfft(rng.standard_normal(n))
+    f = np.fft.rfftfreq(n, 1 / SR)
+    x = np.fft.irfft(spec * ((f >= lo) & (f <= hi)), n)
+    return x / (x.std() + 1e-9)
+
+
+class SyntheticSpeech(torch.utils.data.Dataset):
+    """Deterministic synthetic speech: utterance i depends only on (seed, split, i); nothing is stored.
+
+    Each utterance has its own speaker (pitch 90–250 Hz, formant scale, speaking rate) and says
+    words from a 64-word lexicon drawn from a Zipf distribution, so context predicts content.
+    """
+
+    def __init__(self, size=2048, seed=0, split='train'):
+        self.size, self.seed, self.split_id = size, seed, {'train': 0, 'valid': 1}[split]
+        self.lexicon = _lexicon(np.random.default_rng([seed, 7]))
+        zipf = 1 / np.arange(1, len(self.lexicon) + 1)
+        self.word_probs = zipf / zipf.sum()
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, self.split_id, i])
+        f0, scale, rate = rng.uniform(90, 250), rng.uniform(0.88, 1.15), rng.uniform(0.85, 1.2)
+        target = rng.uniform(0.8, 3.6)                                     # seconds of words; silences pad to 1–4 s
+        words, dur = [], 0.0
+        while not words or dur < target:
+            w = self.lexicon[rng.choice(len(self.lexicon), p=self.word_probs)]
+            if words and dur + 0.11 * len(w) / rate > target:
+                break
+            words.append(w)
+            dur += 0.11 * len(w) / rate + 0.08
+        pieces = [np.zeros(int(rng.uniform(0.05, 0.2) * SR))]
+        n_total = int(4.2 * SR)
+        t = np.arange(n_total) / SR                                        # pitch contour: declination + slow swing
+        f0_track = f0 * (1 - 0.12 * t / 4) * (1 + 0.12 * np.sin(2 * np.pi * rng.uniform(0.3, 1.2) * t + rng.uniform(0, 6)))
+        phase = 2 * np.pi * np.cumsum(f0_track) / SR
+        pos = len(pieces[0])
+        for wi, word in enumerate(words):
+            for letter in word:
+                n = int(rng.uniform(0.07, 0.14) / rate * SR)
+                if letter in VOWELS or letter in SONORANTS:
+                    gain = 1.0 if letter in VOWELS else 0.45
+                    x = gain * _voiced(phase[pos:pos + n], f0_track[pos:pos + n].mean(), (VOWELS | SONORANTS)[letter], scale)
+                elif letter in FRICATIVES:
+                    x = 0.25 * _noise(rng, n, *FRICATIVES[letter])
+                else:                                                      # plosive: closure, burst, aspiration
+                    n = int(0.09 / rate * SR)
+                    x = np.zeros(n)
+                    burst = int(0.025 * SR)
+                    x[n - burst:] = 0.6 * _noise(rng, burst, *PLOSIVES[letter]) * np.exp(-np.arange(burst) / (0.006 * SR))
+                pieces.append(x * _fade(len(x)))
+                pos += len(x)
+            gap = np.zeros(int(rng.uniform(0.03, 0.12) * SR)) if wi < len(words) - 1 else np.zeros(0)
+            pieces.append(gap)
+            pos += len(gap)
+        wav = np.concatenate(pieces)
+        wav = np.concatenate([wav, np.zeros(max(int(SR * rng.uniform(1.0, 1.2)) - len(wav), int(0.05 * SR)))])[:4 * SR]
+        wav = wav * rng.uniform(0.1, 0.5) + 0.003 * rng.standard_normal(len(wav))  # loudness and a little background noise
+        return wav.astype(np.float32), ' '.join(words)
+
+
+# ---------------------------------------------------------------------------------------------- real audio
+def resample(wav, orig_sr, new_sr, zeros=16, rolloff=0.945):
+    """Band-limited resampling with a Hann-windowed sinc, computed as a polyphase strided conv.
+
+    With up/down = new_sr/orig_sr in lowest terms, output sample m sits at input time m·down/up and
+        y[m] = Σ_n x[n] h(m·down/up − n),   h(t) = c·sinc(c·t)·cos²(π t / 2W) for |t| ≤ W,
+    where c = rolloff·min(1, up/down) is the cutoff as a fraction of the input Nyquist (anti-aliasing
+    when downsampling) and W = zeros/c input samples. wav: (S,) numpy or tensor → float32 tensor.
+    """
+    wav = torch.as_tensor(wav, dtype=torch.float32)
+    if orig_sr == new_sr:
+        return wav
+    g = gcd(orig_sr, new_sr)
+    up, down = new_sr // g, orig_sr // g
+    c = rolloff * min(1.0, up / down)
+    W = int(np.ceil(zeros / c))
+    k = torch.arange(-W, W + down, dtype=torch.float64)                    # input offsets seen by one output phase
+    t = torch.arange(up, dtype=torch.float64)[:, None] * down / up - k     # (up, taps): time from each input sample
+    h = c * torch.sinc(c * t) * torch.where(t.abs() <= W, torch.cos(np.pi * t / (2 * W)) ** 2, 0.0)
+    x = F.pad(wav[None, None].double(), (W, W + down))                     # (1, 1, S + pad)
+    y = F.conv1d(x, h[:, None], stride=down)                      # (1, up, frames): phase j at frame q → output q·up + j
+    out_len = int(np.ceil(len(wav) * up / down))
+    return y[0].T.reshape(-1)[:out_len].float()
+
+
+def _wav_truncated(path):
+    """True if a RIFF/WAVE file holds fewer data bytes than its header declares (libsndfile reads it silently)."""
+    with open(path, 'rb') as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b'RIFF' or head[8:12] != b'WAVE':
+            return False
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return False
+            cid, size = chunk[:4], struct.unpack('<I', chunk[4:])[0]
+            if cid == b'data':
+                return len(f.read(size)) < size
+            f.seek(size + (size & 1), 1)
+
+
+def read_audio(path, sample_rate=SR):
+    """Read a .wav/.flac file as mono float32 at `sample_rate`: stereo is averaged, other rates resampled."""
+    try:
+        with sf.SoundFile(str(path)) as f:
+            sr, data = f.samplerate, f.read(dtype='float32', always_2d=True)   # (S, channels)
+    except Exception as e:                                                       # libsndfile: bad header, lost sync, ...
+        raise DataError(f'{path}: cannot read audio ({e})') from None
+    if len(data) == 0:
+        raise DataError(f'{path}: the file holds no audio samples')
+    if str(path).lower().endswith('.wav') and _wav_truncated(path):
+        raise DataError(f'{path}: truncated (fewer samples than its header declares)')
+    return resample(data.mean(1), sr, sample_rate)
+
+
+class AudioFolder(torch.utils.data.Dataset):
+    """Every .wav/.flac under root (sorted), with transcripts from LibriSpeech-style `*.trans.txt` files
+
+    ('<utterance id> <TEXT>' per line, id = file stem); '' where there is none. `lengths` (in samples at
+    `sample_rate`) come from the file headers at start-up, so unreadable headers fail before training.
+    """
+
+    def __init__(self, root, sample_rate=SR):
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f'--data {root}: no such directory')
+        self.files = sorted(p for p in root.rglob('*') if p.suffix.lower() in ('.wav', '.flac'))
+        if not self.files:
+            raise DataError(f'--data {root}: no .wav or .flac files under it')
+        self.sample_rate = sample_rate
+        self.lengths = [self._length(p) for p in tqdm(self.files, desc='reading audio headers', disable=len(self.files) < 2000)]
+        self.transcripts = {}
+        for tf in root.rglob('*.trans.txt'):
+            for line in tf.read_text(encoding='utf-8').splitlines():
+                if line.strip():
+                    uid, _, text = line.strip().partition(' ')
+                    self.transcripts[uid] = text
+
+    def _length(self, path):
+        try:
+            info = sf.info(str(path))
+        except Exception as e:
+            raise DataError(f'{path}: cannot read audio ({e})') from None
+        if info.frames == 0:
+            raise DataError(f'{path}: the file holds no audio samples')
+        return round(info.frames * self.sample_rate / info.samplerate)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        path = self.files[i]
+        return read_audio(path, self.sample_rate).numpy(), self.transcripts.get(path.stem, '')
+
+
+def crop_and_pad(waves, max_len, generator=None):
+    """Random crop of each waveform to ≤ max_len samples, then right-pad to the longest.
+
+    Returns source (B, S) float32 and padding_mask (B, S) bool (True = padding).
+    """
+    crops = []
+    for w in waves:
+        w = torch.as_tensor(w)
+        if len(w) > max_len:
+            start = int(torch.randint(len(w) - max_len + 1, (), generator=generator))
+            w = w[start:start + max_len]
+        crops.append(w)
+    S = max(len(w) for w in crops)
+    source = torch.zeros(len(crops), S)
+    padding_mask = torch.ones(len(crops), S, dtype=torch.bool)
+    for b, w in enumerate(crops):
+        source[b, :len(w)], padding_mask[b, :len(w)] = w, False
+    return source, padding_mask

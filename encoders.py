@@ -1,0 +1,113 @@
+"""Modality feature encoders: everything between the raw input and the shared Transformer.
+
+data2vec (paper, 'Model architecture') keeps one Transformer for all modalities and puts the
+modality-specific work in a feature encoder in front of it. For speech that is wav2vec 2.0's:
+
+    waveform (B, S) ─ normalise per utterance ─ 7 × Conv1d (stride 320 in all, ≈ 20 ms frames)
+        ─ LayerNorm(C_conv) ─ Linear(C_conv → D) ─→ features (B, T, D)
+    [student only: masked frames → mask embedding; model.py]
+        ─ conv positional encoder: x + g(x) ─→ the Transformer
+
+Legend: B batch, S waveform samples, T frames, C conv channels, D model width.
+Parameter names follow fairseq/HF closely enough that a plain key map loads released weights (README).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+SAMPLE_RATE = 16_000
+# (kernel, stride) of the 7 conv layers of wav2vec 2.0 / data2vec: 5·2⁶ = 320 samples per frame, 400-sample receptive field
+CONV_LAYERS = ((10, 5),) + ((3, 2),) * 4 + ((2, 2),) * 2
+
+
+def conv_output_length(n_samples):
+    """Frames the feature encoder makes from n samples: n ← ⌊(n − k)/s⌋ + 1 for each conv (16000 → 49).
+
+    Works on ints and on integer tensors; lengths shorter than the receptive field give 0.
+    """
+    n = n_samples
+    for k, s in CONV_LAYERS:
+        n = (n - k) // s + 1
+    return n.clamp(min=0) if torch.is_tensor(n) else max(n, 0)
+
+
+def normalize_waveform(wav, padding_mask=None, eps=1e-5):
+    """Per-utterance normalisation (fairseq `task.normalize`): x̂ = (x − mean x) / sqrt(var x + ε).
+
+    wav: (B, S); padding_mask: (B, S) bool, True = padding. Statistics use the valid samples only,
+    and padded samples come out as zeros.
+    """
+    valid = torch.ones_like(wav) if padding_mask is None else (~padding_mask).to(wav.dtype)  # (B, S)
+    n = valid.sum(-1, keepdim=True).clamp(min=1)                                           # (B, 1)
+    mean = (wav * valid).sum(-1, keepdim=True) / n
+    var = ((wav - mean).square() * valid).sum(-1, keepdim=True) / n
+    return (wav - mean) * torch.rsqrt(var + eps) * valid
+
+
+class ConvLayer(nn.Module):
+    """Conv1d (no bias) → LayerNorm over channels → GELU (fairseq `extractor_mode: layer_norm`)."""
+
+    def __init__(self, c_in, c_out, kernel, stride):
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel, stride=stride, bias=False)
+        self.layer_norm = nn.LayerNorm(c_out)
+        nn.init.kaiming_normal_(self.conv.weight)
+
+    def forward(self, x):                                          # (B, C_in, S_in)
+        x = self.conv(x)                                           # (B, C, S_out)
+        x = rearrange(self.layer_norm(rearrange(x, 'b c t -> b t c')), 'b t c -> b c t')
+        return F.gelu(x)
+
+
+class SpeechFeatureEncoder(nn.Module):
+    """Waveform → frame features: normalise, 7 conv layers, LayerNorm(C), Linear(C → D).
+
+    In data2vec this module is shared by student and teacher: the teacher reads its output
+    for the unmasked input (paper: 'share the parameters of the feature encoder').
+    """
+
+    def __init__(self, conv_dim=512, dim=768):
+        super().__init__()
+        chans = [1] + [conv_dim] * len(CONV_LAYERS)
+        self.conv_layers = nn.ModuleList(ConvLayer(chans[i], chans[i + 1], k, s) for i, (k, s) in enumerate(CONV_LAYERS))
+        self.layer_norm = nn.LayerNorm(conv_dim)
+        self.projection = nn.Linear(conv_dim, dim)
+
+    def forward(self, wav, padding_mask=None):
+        """wav: (B, S); padding_mask: (B, S) bool or None. Returns (B, T, D) and the frame padding mask (B, T) or None."""
+        x = normalize_waveform(wav, padding_mask)
+        x = rearrange(x, 'b s -> b 1 s')
+        for layer in self.conv_layers:
+            x = layer(x)                                           # (B, C, S') … (B, C, T)
+        x = self.projection(self.layer_norm(rearrange(x, 'b c t -> b t c')))  # (B, T, D)
+        if padding_mask is None:
+            return x, None
+        lengths = conv_output_length((~padding_mask).sum(-1))      # (B,) valid frames
+        frame_padding = torch.arange(x.shape[1], device=x.device) >= lengths[:, None]  # (B, T)
+        return x, frame_padding
+
+
+class ConvPositionalEncoder(nn.Module):
+    """Relative positions from convolution (data2vec speech; fairseq `pos_conv_depth: 5`, `conv_pos: 95`):
+
+        x ← x + g(x),   g = depth × [Conv1d(D, D, k, groups, padding k//2) → LayerNorm (no affine) → GELU]
+
+    with k = 95 // 5 = 19 and 16 groups for the paper's models. Padded frames are zeroed before every
+    layer, so valid frames do not depend on padding (fairseq/HF zero them before the first layer only).
+    Shared by student and teacher: the teacher reads it for the unmasked features.
+    """
+
+    def __init__(self, dim=768, depth=5, kernel=19, groups=16):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups) for _ in range(depth))
+
+    def forward(self, x, padding_mask=None):                       # (B, T, D)
+        keep = 1.0 if padding_mask is None else rearrange(~padding_mask, 'b t -> b 1 t').to(x.dtype)
+        T = x.shape[1]
+        h = rearrange(x, 'b t d -> b d t') * keep
+        for conv in self.convs:
+            h = conv(h)[..., :T]                                   # (B, D, T); even kernels drop the extra frame (fairseq SamePad)
+            h = F.gelu(F.layer_norm(rearrange(h, 'b d t -> b t d'), h.shape[1:2]))
+            h = rearrange(h, 'b t d -> b d t') * keep              # zero padding after every layer, not only before the first
+        return x + rearrange(h, 'b d t -> b t d')

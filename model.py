@@ -1,0 +1,198 @@
+"""The data2vec student: Transformer encoder, mask embedding, regression head and loss.
+
+Paper: Baevski et al., "data2vec: A General Framework for Self-supervised Learning in Speech,
+Vision and Language" (2022). A student encodes a masked input and, at the masked time steps,
+regresses targets built by an EMA teacher from the unmasked input (teacher.py).
+
+Legend:  B batch · S waveform samples · T time steps (frames) · D model width · H heads
+         L blocks · K top-K target blocks · M masked steps.
+Mask convention (masking.py): mask is bool (B, T), True = masked.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from encoders import ConvPositionalEncoder, SpeechFeatureEncoder
+
+TAPS = ('attention', 'ffn', 'ffn_residual', 'block')  # which tensor of a block the teacher's targets use
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. Defaults are data2vec Base for speech (fairseq base_librispeech.yaml)."""
+    modality: str = 'speech'
+    dim: int = 768               # D
+    layers: int = 12             # L
+    heads: int = 12
+    ffn_dim: int = 3072
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    layerdrop: float = 0.05      # probability of skipping a whole block while training the student
+    conv_dim: int = 512          # channels of the 7 conv layers of the speech feature encoder
+    pos_conv_depth: int = 5
+    pos_conv_kernel: int = 19    # fairseq: conv_pos 95 // depth 5
+    pos_conv_groups: int = 16
+
+
+def attention_mask(padding_mask, T, window=0, device=None):
+    """Boolean SDPA mask (True = may attend), or None when every step sees every step.
+
+    padding_mask (B, T) hides padded keys; window W > 0 lets step t see only steps |t − s| ≤ W
+    (the paper's teacher-context ablation, Figure 3). Returns (B, 1, T, T), (T, T) or None.
+    """
+    mask = None
+    if window > 0:
+        idx = torch.arange(T, device=device)
+        mask = (idx[:, None] - idx[None, :]).abs() <= window                 # (T, T)
+    if padding_mask is not None:
+        keys = rearrange(~padding_mask, 'b s -> b 1 1 s')                     # (B, 1, 1, T)
+        mask = keys if mask is None else keys & mask                          # (B, 1, T, T)
+    return mask
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with separate q/k/v projections (fairseq/HF layout), via SDPA."""
+
+    def __init__(self, dim, heads, dropout=0.0):
+        super().__init__()
+        assert dim % heads == 0, f'dim {dim} is not divisible by heads {heads}'
+        self.heads, self.dropout = heads, dropout
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x, attn_mask=None):                                     # (B, T, D)
+        q, k, v = (rearrange(p(x), 'b t (h d) -> b h t d', h=self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D/H)
+        return self.out_proj(rearrange(o, 'b h t d -> b t (h d)'))            # (B, T, D)
+
+
+class Block(nn.Module):
+    """Post-LN Transformer block (fairseq TransformerSentenceEncoderLayer, HF Data2VecAudioEncoderLayer).
+
+        a  = SelfAttention(x)                      tap 'attention'
+        r  = LN₁(x + Dropout(a))
+        f  = fc₂(GELU(fc₁(r)))                     tap 'ffn'           ← the paper's target: FFN output before the last residual
+        s  = r + Dropout(f)                        tap 'ffn_residual'
+        x' = LN₂(s)                                tap 'block'         (end of block)
+    """
+
+    def __init__(self, dim, heads, ffn_dim, dropout=0.1, attn_dropout=0.1):
+        super().__init__()
+        self.self_attn = SelfAttention(dim, heads, attn_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, ffn_dim), nn.Linear(ffn_dim, dim)
+        self.final_layer_norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, attn_mask=None, tap=None):
+        """x: (B, T, D) → (x', the chosen tap (B, T, D) or None)."""
+        a = self.self_attn(x, attn_mask)
+        r = self.self_attn_layer_norm(x + self.dropout(a))
+        f = self.fc2(F.gelu(self.fc1(r)))                                     # (B, T, ffn_dim) → (B, T, D)
+        s = r + self.dropout(f)
+        out = self.final_layer_norm(s)
+        return out, dict(attention=a, ffn=f, ffn_residual=s, block=out).get(tap)
+
+
+class Transformer(nn.Module):
+    """Post-LN encoder: LayerNorm → Dropout → L blocks, with LayerDrop while training.
+
+    forward(x, padding_mask, tap, window) → (output (B, T, D), [tap of every block]).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.dropout, cfg.attn_dropout)
+                                    for _ in range(cfg.layers))
+        self.layerdrop = cfg.layerdrop
+        self.apply(init_bert_params)
+
+    def forward(self, x, padding_mask=None, tap=None, window=0):
+        x = self.dropout(self.layer_norm(x))                                  # (B, T, D)
+        attn_mask = attention_mask(padding_mask, x.shape[1], window, x.device)
+        taps = []
+        for block in self.layers:
+            y, t = block(x, attn_mask, tap)
+            if self.training and self.layerdrop > 0:
+                # LayerDrop (fairseq encoder_layerdrop) as a select on a random scalar rather than a Python `if`:
+                # same output and gradients as skipping the block, but one static graph for torch.compile and DDP.
+                y = torch.where(torch.rand((), device=x.device) < self.layerdrop, x, y)
+            x = y
+            if tap is not None:
+                taps.append(t)
+        return x, taps
+
+
+def init_bert_params(module):
+    """fairseq init_bert_params: Linear weights ~ N(0, 0.02), biases 0."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
+
+
+class Data2Vec(nn.Module):
+    """The student: shared feature encoder → mask embedding → shared positional encoder → Transformer → head.
+
+    The teacher (teacher.py) is an EMA copy of `encoder` only: it reads `teacher_input`, the unmasked
+    features passed through the same feature and positional encoders (fairseq `ema_transformer_only`,
+    `ema_layers_only`; paper: 'share the parameters of the feature encoder and the positional encoder').
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.modality != 'speech':
+            raise ValueError(f"modality {cfg.modality!r} is not implemented yet (only 'speech')")
+        self.cfg = cfg
+        self.feature_encoder = SpeechFeatureEncoder(cfg.conv_dim, cfg.dim)
+        self.mask_emb = nn.Parameter(torch.empty(cfg.dim).uniform_())          # fairseq: uniform_() in [0, 1)
+        self.pos_encoder = ConvPositionalEncoder(cfg.dim, cfg.pos_conv_depth, cfg.pos_conv_kernel, cfg.pos_conv_groups)
+        self.encoder = Transformer(cfg)
+        self.regression_head = nn.Linear(cfg.dim, cfg.dim)                     # fairseq final_proj: one Linear (issue #4199)
+
+    def encode(self, x, padding_mask=None, mask=None):
+        """Features x (B, T, D) → student output (B, T, D); masked steps see the mask embedding."""
+        if mask is not None:
+            x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)    # (B, T, D)
+        x, _ = self.encoder(self.pos_encoder(x, padding_mask), padding_mask)
+        return x
+
+    def forward(self, source, padding_mask=None, mask=None):
+        """source (B, S), padding_mask (B, S), mask (B, T) → pred (B, T, D), teacher_input (B, T, D), frame padding (B, T).
+
+        The head runs on every step (cheap, and shapes stay static); the loss keeps the masked ones.
+        """
+        x, frame_padding = self.feature_encoder(source, padding_mask)         # (B, T, D)
+        with torch.no_grad():                                                 # the teacher's view: unmasked, no gradient
+            teacher_input = self.pos_encoder(x, frame_padding)
+        pred = self.regression_head(self.encode(x, frame_padding, mask))      # (B, T, D)
+        return pred, teacher_input, frame_padding
+
+    def num_params(self, head=False):
+        return sum(p.numel() for n, p in self.named_parameters() if head or not n.startswith('regression_head'))
+
+
+def regression_loss(pred, target, mask, beta=0.0, scale=None):
+    """data2vec objective (paper, 'Objective'), averaged over the M masked steps:
+
+        L = (1/M) Σ_{t masked} scale · Σ_d ℓ_β(f_t(x)_d − y_t,d)
+        ℓ_β(e) = e²                      if β = 0  (fairseq loss_beta 0: 'a simple L2 loss')
+               = ½e²/β  if |e| ≤ β, else |e| − ½β   (Smooth L1)
+        scale  = 1/√D by default (fairseq loss_scale null); the paper's vision/text runs use 1/D and 1.
+
+    pred, target: (B, T, D); mask: (B, T) bool, True = masked. Computed in fp32.
+    """
+    assert mask.dtype == torch.bool and mask.shape == pred.shape[:2], f'mask must be bool (B, T), got {mask.dtype} {tuple(mask.shape)}'
+    pred, target = pred.float(), target.float()
+    if beta == 0:
+        per_elem = (pred - target).square()
+    else:
+        per_elem = F.smooth_l1_loss(pred, target, reduction='none', beta=beta)
+    scale = 1 / math.sqrt(pred.shape[-1]) if scale is None else scale
+    per_step = per_elem.sum(-1) * scale                                      # (B, T)
+    return (per_step * mask).sum() / mask.sum()

@@ -1,0 +1,70 @@
+"""The EMA teacher and the targets it builds (paper, 'Teacher parameterization' and 'Targets').
+
+    teacher weights   Δ ← τ Δ + (1 − τ) θ            after every student update θ
+    decay schedule    τ: τ₀ → τₑ linearly over τₙ updates, then τₑ
+    targets           y_t = (1/K) Σ_{l = L−K+1..L} norm(a_t^l)
+
+a_t^l is a chosen tensor ('tap', model.Block) of teacher block l at step t for the unmasked input;
+norm is parameter-free (instance norm over time for speech). Legend as in model.py.
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+
+
+def make_teacher(module):
+    """The teacher starts as an exact copy of the (just initialised) student module, frozen, in eval mode."""
+    teacher = copy.deepcopy(module)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def ema_decay_at(step, start=0.999, end=0.9999, anneal_steps=30_000):
+    """τ after `step` updates: τₑ − (τₑ − τ₀)(1 − step/τₙ) for step < τₙ, then τₑ (fairseq get_annealed_rate)."""
+    if step >= anneal_steps:
+        return end
+    return end - (end - start) * (1 - step / anneal_steps)
+
+
+@torch.no_grad()
+def ema_update_(teacher, student, decay):
+    """Δ ← τΔ + (1 − τ)θ for every parameter, in fp32, as one foreach op; buffers are copied."""
+    t_params, s_params = list(teacher.parameters()), list(student.parameters())
+    assert len(t_params) == len(s_params) and all(p.dtype == torch.float32 for p in t_params), 'EMA needs fp32 twins'
+    torch._foreach_lerp_(t_params, s_params, 1.0 - decay)                     # Δ + (1 − τ)(θ − Δ)
+    for tb, sb in zip(teacher.buffers(), student.buffers()):
+        tb.copy_(sb)
+
+
+def normalize(a, kind, padding_mask=None, eps=1e-5):
+    """Parameter-free normalisation of one block's output a: (B, T, D), in fp32.
+
+    'instance': per utterance and channel, over time (F.instance_norm on (B, D, T)); padded steps are
+                left out of the statistics (fairseq includes them; see README, Deviations).
+    'layer':    per step, over channels (F.layer_norm).   'none': unchanged.
+    """
+    a = a.float()
+    if kind == 'instance':
+        w = torch.ones_like(a[..., :1]) if padding_mask is None else (~padding_mask)[..., None].float()  # (B, T, 1)
+        n = w.sum(1, keepdim=True).clamp(min=1)                                # (B, 1, 1)
+        mean = (a * w).sum(1, keepdim=True) / n                                # (B, 1, D)
+        var = ((a - mean).square() * w).sum(1, keepdim=True) / n
+        return (a - mean) * torch.rsqrt(var + eps)
+    if kind == 'layer':
+        return F.layer_norm(a, a.shape[-1:], eps=eps)
+    if kind == 'none':
+        return a
+    raise ValueError(f'unknown target norm {kind!r}')
+
+
+def make_targets(layer_outputs, kind='instance', padding_mask=None):
+    """y = (1/K) Σ_l norm(a^l) over the K given block outputs, each (B, T, D). Returns (B, T, D) fp32."""
+    return sum(normalize(a, kind, padding_mask) for a in layer_outputs) / len(layer_outputs)
+
+
+@torch.no_grad()
+def teacher_targets(teacher, teacher_input, padding_mask=None, tap='ffn', top_k=8, norm='instance', window=0):
+    """Run the teacher on the unmasked input and average its top-K taps. window: teacher context ±W (0 = all)."""
+    _, taps = teacher(teacher_input, padding_mask, tap=tap, window=window)
+    return make_targets(taps[-top_k:], norm, padding_mask)

@@ -1,0 +1,160 @@
+"""Student model, taps, loss and feature encoder.   pytest tests/test_model.py"""
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from encoders import SpeechFeatureEncoder, conv_output_length
+from model import Block, Data2Vec, ModelConfig, SelfAttention, Transformer, attention_mask, regression_loss
+
+TINY = ModelConfig(dim=32, layers=3, heads=4, ffn_dim=64, conv_dim=16, dropout=0.0, attn_dropout=0.0, layerdrop=0.0)
+
+
+def test_conv_output_length():
+    assert conv_output_length(16000) == 49                           # 1 s → 49 frames of 20 ms
+    assert conv_output_length(399) == 0 and conv_output_length(400) == 1
+    fe = SpeechFeatureEncoder(conv_dim=8, dim=16)
+    for n in (400, 1234, 16000, 32001):
+        x, _ = fe(torch.randn(1, n))
+        assert x.shape[1] == conv_output_length(n) == conv_output_length(torch.tensor(n)).item()
+
+
+def test_attention_matches_softmax_formula():
+    torch.manual_seed(0)
+    att = SelfAttention(16, 4)
+    x = torch.randn(2, 7, 16)
+    pad = torch.tensor([[False] * 7, [False] * 5 + [True] * 2])
+    q, k, v = (p(x).view(2, 7, 4, 4).transpose(1, 2) for p in (att.q_proj, att.k_proj, att.v_proj))
+    logits = q @ k.transpose(-1, -2) / 2.0                            # 1/√(D/H) = 1/2
+    logits = logits.masked_fill(pad[:, None, None, :], -math.inf)
+    expected = att.out_proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 16))
+    torch.testing.assert_close(att(x, attention_mask(pad, 7)), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_taps_are_consistent():
+    torch.manual_seed(0)
+    blk = Block(32, 4, 64, dropout=0.0, attn_dropout=0.0).eval()
+    x = torch.randn(2, 10, 32)
+    taps = {name: blk(x, tap=name)[1] for name in ('attention', 'ffn', 'ffn_residual', 'block')}
+    residual = blk.self_attn_layer_norm(x + taps['attention'])        # post-LN: the residual the FFN is added to
+    torch.testing.assert_close(taps['ffn'] + residual, taps['ffn_residual'])
+    torch.testing.assert_close(blk.final_layer_norm(taps['ffn_residual']), taps['block'])
+    torch.testing.assert_close(blk(x)[0], taps['block'])
+
+
+def test_teacher_context_window_limits_what_a_step_sees():
+    torch.manual_seed(0)
+    enc = Transformer(ModelConfig(dim=16, layers=1, heads=2, ffn_dim=32, dropout=0, attn_dropout=0, layerdrop=0)).eval()
+    x = torch.randn(1, 20, 16)
+    x2 = x.clone()
+    x2[0, 15] += torch.randn(16)                                      # (a constant shift would vanish in the LayerNorm)
+    y, y2 = enc(x, window=3)[0], enc(x2, window=3)[0]
+    torch.testing.assert_close(y[0, :12], y2[0, :12])                 # |t − 15| > 3: untouched
+    torch.testing.assert_close(y[0, 19:], y2[0, 19:])
+    assert not torch.allclose(y[0, 12:19], y2[0, 12:19])
+    assert not torch.allclose(enc(x)[0][0, 10], enc(x2)[0][0, 10])    # full context: every step sees step 15
+
+
+def test_loss_is_l2_over_masked_steps_only():
+    torch.manual_seed(0)
+    B, T, D = 2, 12, 16
+    pred, target = torch.randn(B, T, D), torch.randn(B, T, D)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[:, 3:8] = True
+    loss = regression_loss(pred, target, mask)
+    expected = ((pred[mask] - target[mask]) ** 2).sum(-1).mean() / math.sqrt(D)
+    torch.testing.assert_close(loss, expected)
+    perturbed = pred.clone()
+    perturbed[0, 0] += 100.0                                          # an unmasked step
+    assert regression_loss(perturbed, target, mask) == loss
+    perturbed[0, 4] += 1.0                                            # a masked step
+    assert regression_loss(perturbed, target, mask) != loss
+    beta = 0.5                                                        # Smooth L1, written out
+    e = (pred[mask] - target[mask]).abs()
+    smooth = torch.where(e <= beta, 0.5 * e ** 2 / beta, e - 0.5 * beta).sum(-1).mean()
+    torch.testing.assert_close(regression_loss(pred, target, mask, beta=beta, scale=1.0), smooth)
+    with pytest.raises(AssertionError):
+        regression_loss(pred, target, mask.long())
+
+
+def test_padding_does_not_change_valid_frames():
+    torch.manual_seed(0)
+    model = Data2Vec(TINY).eval()
+    wav = torch.randn(1, 8000)
+    padded = torch.cat([wav, torch.zeros(1, 4000)], 1)
+    pad = torch.zeros(1, 12000, dtype=torch.bool)
+    pad[:, 8000:] = True
+    T = conv_output_length(8000)
+    pred, feats, frame_pad = model(padded, pad)
+    pred0, feats0, _ = model(wav)
+    assert frame_pad[0, :T].logical_not().all() and frame_pad[0, T:].all()
+    torch.testing.assert_close(pred[:, :T], pred0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(feats[:, :T], feats0, atol=1e-4, rtol=1e-4)
+
+
+def test_masked_frames_see_the_mask_embedding():
+    torch.manual_seed(0)
+    model = Data2Vec(TINY).eval()
+    x = torch.randn(2, 30, 32)
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    mask[:, 10:20] = True
+    x2 = x.clone()
+    x2[mask] = torch.randn(20, 32)                                    # content under the mask is invisible
+    torch.testing.assert_close(model.encode(x, mask=mask), model.encode(x2, mask=mask))
+
+
+def test_student_overfits_one_batch_with_a_frozen_teacher():
+    from teacher import make_teacher, teacher_targets
+    torch.manual_seed(0)
+    model = Data2Vec(TINY)
+    teacher = make_teacher(model.encoder)
+    wav = torch.randn(2, 8000)
+    mask = torch.zeros(2, conv_output_length(8000), dtype=torch.bool)
+    mask[:, 5:15] = True
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(60):
+        pred, teacher_input, _ = model(wav, None, mask)
+        loss = regression_loss(pred, teacher_targets(teacher, teacher_input, top_k=2), mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
+
+
+# HF transformers Data2VecAudioModel names (reference.md §3.1) ← ours: a plain regex key map
+HF_KEY_MAP = [
+    (r'^feature_encoder\.conv_layers\.', 'feature_extractor.conv_layers.'),
+    (r'^feature_encoder\.(layer_norm|projection)\.', r'feature_projection.\1.'),
+    (r'^mask_emb$', 'masked_spec_embed'),
+    (r'^pos_encoder\.convs\.(\d+)\.', r'encoder.pos_conv_embed.layers.\1.conv.'),
+    (r'\.self_attn\.', '.attention.'),
+    (r'\.self_attn_layer_norm\.', '.layer_norm.'),
+    (r'\.fc1\.', '.feed_forward.intermediate_dense.'),
+    (r'\.fc2\.', '.feed_forward.output_dense.'),
+]
+
+
+def test_base_matches_hf_data2vec_audio_base_in_size_and_key_names():
+    with torch.device('meta'):
+        model = Data2Vec(ModelConfig())                               # defaults = Base
+    assert abs(model.num_params() - 93.16e6) / 93.16e6 < 0.01, model.num_params()
+    hf = {}
+    for name, p in model.named_parameters():
+        for pattern, repl in HF_KEY_MAP:
+            name = re.sub(pattern, repl, name)
+        hf[name] = tuple(p.shape)
+    expected = {'feature_extractor.conv_layers.0.conv.weight': (512, 1, 10), 'feature_extractor.conv_layers.6.conv.weight': (512, 512, 2),
+                'feature_extractor.conv_layers.3.layer_norm.bias': (512,), 'feature_projection.layer_norm.weight': (512,),
+                'feature_projection.projection.weight': (768, 512), 'masked_spec_embed': (768,),
+                'encoder.pos_conv_embed.layers.4.conv.weight': (768, 48, 19), 'encoder.pos_conv_embed.layers.0.conv.bias': (768,),
+                'encoder.layer_norm.weight': (768,), 'encoder.layers.11.attention.q_proj.weight': (768, 768),
+                'encoder.layers.0.attention.out_proj.bias': (768,), 'encoder.layers.5.layer_norm.weight': (768,),
+                'encoder.layers.3.feed_forward.intermediate_dense.weight': (3072, 768),
+                'encoder.layers.3.feed_forward.output_dense.weight': (768, 3072), 'encoder.layers.7.final_layer_norm.bias': (768,)}
+    for key, shape in expected.items():
+        assert hf.get(key) == shape, key
+    assert not any('conv_layers' in k and k.endswith('conv.bias') for k in hf)   # conv_bias False

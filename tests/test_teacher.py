@@ -1,0 +1,106 @@
+"""EMA teacher and targets, checked against computations written here.   pytest tests/test_teacher.py"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import ModelConfig, Transformer
+from teacher import ema_decay_at, ema_update_, make_targets, make_teacher, normalize, teacher_targets
+
+
+def test_ema_decay_schedule_speech():
+    t0, te, tn = 0.999, 0.9999, 30_000                               # paper: τ0, τe, τn for speech
+    assert ema_decay_at(0, t0, te, tn) == pytest.approx(t0)
+    assert ema_decay_at(tn // 2, t0, te, tn) == pytest.approx((t0 + te) / 2)
+    assert ema_decay_at(tn, t0, te, tn) == pytest.approx(te)
+    assert ema_decay_at(2 * tn, t0, te, tn) == pytest.approx(te)
+    assert ema_decay_at(0, 0.9998, 0.9998, 0) == 0.9998               # constant τ (vision) works too
+
+
+def test_ema_update_formula_on_a_toy_module():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    teacher = make_teacher(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+        student[1].running_mean.fill_(0.5)
+    before = [p.clone() for p in teacher.parameters()]
+    tau = 0.9
+    ema_update_(teacher, student, tau)
+    for d, d0, theta in zip(teacher.parameters(), before, student.parameters()):
+        torch.testing.assert_close(d, tau * d0 + (1 - tau) * theta)  # Δ ← τΔ + (1 − τ)θ
+    assert torch.equal(teacher[1].running_mean, student[1].running_mean)
+    ema_update_(teacher, student, 0.0)                                # τ = 0 copies the student
+    for d, theta in zip(teacher.parameters(), student.parameters()):
+        assert torch.equal(d, theta)
+
+
+def test_make_teacher_is_a_frozen_eval_copy():
+    student = Transformer(ModelConfig(dim=16, layers=2, heads=2, ffn_dim=32))
+    teacher = make_teacher(student)
+    assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(teacher.parameters(), student.parameters()))
+
+
+def _ffn_outputs_by_hand(encoder, x):
+    """Each block's FFN output before the residual, recomputed from the block's sub-modules (eval mode, no dropout)."""
+    h = encoder.layer_norm(x)
+    outs = []
+    for blk in encoder.layers:
+        r = blk.self_attn_layer_norm(h + blk.self_attn(h))
+        f = blk.fc2(F.gelu(blk.fc1(r)))
+        outs.append(f)
+        h = blk.final_layer_norm(r + f)
+    return outs
+
+
+def test_targets_are_instance_normed_mean_of_top_k_ffn_outputs():
+    torch.manual_seed(0)
+    teacher = make_teacher(Transformer(ModelConfig(dim=32, layers=5, heads=4, ffn_dim=64)))
+    x = torch.randn(3, 40, 32)
+    K = 3
+    ffn = _ffn_outputs_by_hand(teacher, x)[-K:]
+    expected = sum(F.instance_norm(f.transpose(1, 2)).transpose(1, 2) for f in ffn) / K   # IN over time per channel
+    y = teacher_targets(teacher, x, None, tap='ffn', top_k=K, norm='instance')
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    assert y.dtype == torch.float32
+    layer = teacher_targets(teacher, x, None, tap='ffn', top_k=K, norm='layer')
+    torch.testing.assert_close(layer, sum(F.layer_norm(f, (32,)) for f in ffn) / K, atol=1e-5, rtol=1e-5)
+
+
+def test_instance_norm_ignores_padded_steps():
+    torch.manual_seed(0)
+    a = torch.randn(2, 30, 8)
+    pad = torch.zeros(2, 30, dtype=torch.bool)
+    pad[1, 20:] = True
+    out = normalize(a, 'instance', pad)
+    torch.testing.assert_close(out[1, :20], F.instance_norm(a[1:2, :20].transpose(1, 2)).transpose(1, 2)[0])
+    torch.testing.assert_close(out[0], F.instance_norm(a[0:1].transpose(1, 2)).transpose(1, 2)[0])
+    bf16 = make_targets([a.bfloat16()], 'instance')
+    assert bf16.dtype == torch.float32                                  # targets are computed in fp32 under autocast
+
+
+def test_teacher_gets_no_gradient_and_changes_only_through_ema():
+    from contextlib import nullcontext
+
+    from data.speech import SyntheticSpeech
+    from model import Data2Vec
+    from train import collate, parse_args, train_step
+    mcfg, cfg = parse_args(['--dim', '32', '--layers', '2', '--heads', '2', '--ffn-dim', '64', '--conv-dim', '16',
+                            '--top-k', '2', '--micro-batch-size', '2', '--batch-size', '2', '--crop', '16000'])
+    torch.manual_seed(0)
+    model = Data2Vec(mcfg)
+    teacher = make_teacher(model.encoder)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ds = SyntheticSpeech(8)
+    batch = collate([ds[0], ds[1]], cfg.crop, cfg.mask_prob, cfg.mask_length)
+    t_before = copy.deepcopy(teacher.state_dict())
+    train_step(model, teacher, opt, [batch], 0, cfg, nullcontext())
+    assert all(p.grad is None for p in teacher.parameters())
+    tau = ema_decay_at(1, cfg.ema_start, cfg.ema_end, cfg.ema_anneal_steps)
+    for (name, d), theta in zip(teacher.state_dict().items(), model.encoder.state_dict().values()):
+        torch.testing.assert_close(d, tau * t_before[name] + (1 - tau) * theta)
+    assert any(not torch.equal(t_before[n], d) for n, d in teacher.state_dict().items())

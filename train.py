@@ -1,0 +1,368 @@
+"""data2vec pretraining, one flat script (read top to bottom, like nanoGPT's train.py).
+
+    python train.py --modality speech                                   # tiny preset, CPU, embedded data, ≤ 5 min
+    torchrun --nproc_per_node 8 train.py --modality speech --preset base --data /path/to/LibriSpeech --compile
+
+Sections: config → data → the data2vec step → checkpoint and curves → main (device/DDP, models, loop).
+Outputs in --out: config.json, log.jsonl, checkpoint.pt, curves.png.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data.speech import AudioFolder, DataError, SyntheticSpeech, crop_and_pad
+from encoders import conv_output_length
+from masking import span_mask
+from model import TAPS, Data2Vec, ModelConfig, regression_loss
+from teacher import ema_decay_at, ema_update_, make_teacher, teacher_targets
+
+# -------------------------------------------------------------------------------------------- config
+
+
+def knob(default, help):
+    return field(default=default, metadata=dict(help=help))
+
+
+@dataclass
+class TrainConfig:
+    """Everything but the architecture. Defaults are data2vec Base for speech (paper + fairseq base_librispeech.yaml)."""
+    modality: str = knob('speech', 'speech (vision and text come in later issues)')
+    preset: str = knob('tiny', "tiny: CPU, embedded data, ≤ 5 min | base | large: the paper's models")
+    data: str = knob('', 'folder of .wav/.flac (LibriSpeech layout); empty: the embedded synthetic corpus')
+    out: str = knob('', 'output folder (default runs/<modality>)')
+    device: str = knob('auto', 'auto | cpu | cuda')
+    compile: bool = knob(False, 'torch.compile the student and the teacher')
+    seed: int = knob(0, 'random seed')
+    # targets and loss: the paper's ablation axes
+    top_k: int = knob(8, 'K: average the top-K teacher blocks (Figure 2)')
+    target_layer: str = knob('ffn', 'which tensor of each teacher block: ' + ' | '.join(TAPS) + ' (Table 5)')
+    target_norm: str = knob('instance', 'per-block normalisation of targets: instance (over time) | layer | none')
+    teacher_context: int = knob(0, 'W: the teacher attends to ±W frames only; 0 = the whole input (Figure 3)')
+    loss_beta: float = knob(0.0, 'β: 0 = L2, > 0 = Smooth L1 with this β (Table 7)')
+    loss_scale: float = knob(0.0, 'multiplies the per-step loss summed over channels; 0 = 1/√D (fairseq)')
+    # masking
+    mask_prob: float = knob(0.65, 'fairseq mask_prob: span starts are p = mask_prob / mask_length of the frames (Table 8)')
+    mask_length: int = knob(10, 'frames per masked span (Table 8)')
+    # teacher EMA: τ goes linearly τ0 → τe over τn updates, then stays
+    ema_start: float = knob(0.999, 'τ0')
+    ema_end: float = knob(0.9999, 'τe')
+    ema_anneal_steps: int = knob(30_000, 'τn')
+    # optimisation: Adam (decoupled weight decay) on a tri-stage schedule
+    lr: float = knob(5e-4, 'peak learning rate')
+    weight_decay: float = knob(0.01, 'decoupled weight decay')
+    adam_beta2: float = knob(0.98, 'Adam β2 (β1 = 0.9)')
+    adam_eps: float = knob(1e-6, 'Adam ε')
+    warmup: float = knob(0.03, 'tri-stage: fraction of steps warming up linearly from lr/100')
+    hold: float = knob(0.9, 'tri-stage: fraction held at lr; the rest decays exponentially to lr/100')
+    clip: float = knob(0.0, 'gradient-norm clipping; 0 = off (fairseq speech)')
+    steps: int = knob(400_000, 'optimizer updates')
+    batch_size: int = knob(320, 'utterances per update over all GPUs and accumulation steps (320 × 12.3 s LibriSpeech mean ≈ 63 min)')
+    micro_batch_size: int = knob(10, 'utterances per forward pass on one device (10 × ≤ 20 s ≤ fairseq 3.8M samples); accumulation does the rest')
+    crop: int = knob(320_000, 'longest waveform in samples; longer ones are cropped at random (fairseq max_sample_size)')
+    workers: int = knob(4, 'data-loader worker processes')
+    log_every: int = knob(200, 'steps between log lines')
+    ckpt_every: int = knob(25_000, 'steps between checkpoints (one is always written at the end)')
+
+
+PRESETS = {'speech': {
+    # tiny: ~1 M parameters, ≤ 5 min on 2 CPU cores. 1 s crops of the 1–4 s corpus need no padding, so every row is masked ≈ 49%.
+    'tiny': dict(dim=128, layers=4, heads=4, ffn_dim=512, conv_dim=32, layerdrop=0.0, top_k=3, lr=2e-3, warmup=0.1, hold=0.8,
+                 steps=400, batch_size=16, micro_batch_size=16, crop=16_000, ema_anneal_steps=400, workers=0,
+                 log_every=10, ckpt_every=100),
+    'base': dict(),                                                    # the dataclass defaults
+    'large': dict(dim=1024, layers=24, heads=16, ffn_dim=4096),
+}}
+
+
+def parse_args(argv=None):
+    """Flags are generated from the two dataclasses, so every knob is written once. Order: defaults < preset < flags."""
+    p = argparse.ArgumentParser(description='data2vec pretraining. Every flag defaults to its --preset value '
+                                            '(tiny unless given); [base …, tiny …] shows the two for speech.')
+    tiny = PRESETS['speech']['tiny']
+    for f in fields(TrainConfig) + fields(ModelConfig):
+        if any(a.dest == f.name for a in p._actions):
+            continue                                                   # `modality` is in both
+        kind = type(f.default) if f.default is not MISSING else str
+        kw = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
+        shown = f'[base {f.default!r}' + (f', tiny {tiny[f.name]!r}]' if f.name in tiny else ']')
+        shown = '' if f.name in ('modality', 'preset', 'data', 'out', 'device', 'compile', 'seed') else shown
+        p.add_argument('--' + f.name.replace('_', '-'), default=None, help=f"{f.metadata.get('help', 'architecture')} {shown}", **kw)
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    modality, preset = args.get('modality', 'speech'), args.get('preset', 'tiny')
+    if modality not in PRESETS:
+        p.error(f'--modality {modality}: only speech is implemented so far')
+    if preset not in PRESETS[modality]:
+        p.error(f'--preset {preset}: choose from {", ".join(PRESETS[modality])}')
+    values = {**PRESETS[modality][preset], **args}
+    mcfg = ModelConfig(**{k: v for k, v in values.items() if k in ModelConfig.__dataclass_fields__})
+    cfg = TrainConfig(**{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__})
+    cfg.out = cfg.out or f'runs/{modality}'
+    try:
+        check_config(mcfg, cfg, world=int(os.environ.get('WORLD_SIZE', 1)))
+    except ValueError as e:
+        p.error(str(e))
+    return mcfg, cfg
+
+
+def check_config(mcfg, cfg, world=1):
+    """Out-of-range flags fail here with the flag's name, not deep inside torch."""
+    checks = [
+        (1 <= cfg.top_k <= mcfg.layers, f'--top-k {cfg.top_k} must be between 1 and --layers ({mcfg.layers})'),
+        (cfg.target_layer in TAPS, f'--target-layer {cfg.target_layer}: choose from {", ".join(TAPS)}'),
+        (cfg.target_norm in ('instance', 'layer', 'none'), f'--target-norm {cfg.target_norm}: choose instance, layer or none'),
+        (cfg.teacher_context >= 0, f'--teacher-context {cfg.teacher_context} must be ≥ 0'),
+        (cfg.loss_beta >= 0, f'--loss-beta {cfg.loss_beta} must be ≥ 0'),
+        (0 <= cfg.mask_prob <= 1, f'--mask-prob {cfg.mask_prob} must be in [0, 1]'),
+        (cfg.mask_length >= 1, f'--mask-length {cfg.mask_length} must be ≥ 1'),
+        (all(0 <= t <= 1 for t in (cfg.ema_start, cfg.ema_end)), '--ema-start and --ema-end must be in [0, 1]'),
+        (cfg.ema_anneal_steps >= 0, '--ema-anneal-steps must be ≥ 0'),
+        (cfg.lr > 0 and cfg.steps > 0, '--lr and --steps must be > 0'),
+        (0 <= cfg.warmup and 0 <= cfg.hold and cfg.warmup + cfg.hold <= 1, '--warmup and --hold must be ≥ 0 with a sum ≤ 1'),
+        (cfg.batch_size % (cfg.micro_batch_size * world) == 0,
+         f'--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size × devices ({cfg.micro_batch_size} × {world})'),
+        (cfg.crop >= 16_000, f'--crop {cfg.crop} must be ≥ 16000 samples (1 s)'),
+        (cfg.device in ('auto', 'cpu', 'cuda'), f'--device {cfg.device}: choose auto, cpu or cuda'),
+        (cfg.device != 'cuda' or torch.cuda.is_available(), '--device cuda: no CUDA device is available'),
+        (mcfg.dim % mcfg.heads == 0, f'--dim {mcfg.dim} must be divisible by --heads {mcfg.heads}'),
+        (mcfg.dim % mcfg.pos_conv_groups == 0, f'--dim {mcfg.dim} must be divisible by --pos-conv-groups {mcfg.pos_conv_groups}'),
+        (all(0 <= p < 1 for p in (mcfg.dropout, mcfg.attn_dropout, mcfg.layerdrop)), 'dropouts must be in [0, 1)'),
+        (min(cfg.log_every, cfg.ckpt_every, cfg.micro_batch_size) >= 1 and cfg.workers >= 0, 'counts must be ≥ 1'),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+
+
+def lr_at(step, cfg):
+    """fairseq tri_stage: linear warm-up from lr/100, hold at lr, exponential decay to lr/100, then lr/100."""
+    warm, hold = int(cfg.warmup * cfg.steps), int(cfg.hold * cfg.steps)
+    decay = cfg.steps - warm - hold
+    if step < warm:
+        return cfg.lr * (0.01 + 0.99 * step / warm)
+    if step < warm + hold:
+        return cfg.lr
+    if step < warm + hold + decay:
+        return cfg.lr * math.exp(math.log(0.01) * (step - warm - hold) / decay)
+    return cfg.lr * 0.01
+
+# -------------------------------------------------------------------------------------------- data
+
+
+def collate(items, crop, mask_prob, mask_length):
+    """(waveform, transcript) items → source (B, S), padding_mask (B, S) or None, mask (B, T) bool."""
+    source, padding_mask = crop_and_pad([w for w, _ in items], crop)
+    frames = conv_output_length((~padding_mask).sum(1))               # (B,) valid frames
+    mask = span_mask(frames, conv_output_length(source.shape[1]), mask_prob, mask_length)
+    return source, (padding_mask if padding_mask.any() else None), mask
+
+
+def batches(dataset, cfg, rank, world, pin):
+    """Endless micro-batches of this rank's share of the data, reshuffled every epoch.
+
+    Where the dataset knows its lengths, each micro-batch takes utterances of similar length (fairseq
+    batches by size), so little is padded and the shared mask count stays near 49% of every row.
+    """
+    g, n = torch.Generator().manual_seed(cfg.seed), cfg.micro_batch_size
+    to_batch = partial(collate, crop=cfg.crop, mask_prob=cfg.mask_prob, mask_length=cfg.mask_length)
+    while True:
+        order = torch.randperm(len(dataset), generator=g)[rank::world]            # this rank's share
+        if getattr(dataset, 'lengths', None):
+            lengths = torch.tensor(dataset.lengths)
+            order = torch.cat([w[lengths[w].argsort()] for w in order.split(64 * n)])  # sort within windows of 64 batches
+        groups = order[:len(order) // n * n].view(-1, n)                          # (batches, n)
+        if len(groups) == 0:
+            raise DataError(f'{len(dataset)} utterances are too few for --micro-batch-size {n} on {world} device(s)')
+        groups = groups[torch.randperm(len(groups), generator=g)]
+        yield from DataLoader(dataset, batch_sampler=groups.tolist(), collate_fn=to_batch, num_workers=cfg.workers,
+                              pin_memory=pin)
+
+# -------------------------------------------------------------------------------------------- the data2vec step
+
+
+def masked_std(x, mask):
+    """fairseq compute_var: std over the masked steps of each channel, averaged over channels. x: (B, T, D)."""
+    w = mask[..., None].float()                                        # (B, T, 1)
+    n = w.sum()
+    mean = (x * w).sum((0, 1)) / n                                     # (D,)
+    var = ((x - mean).square() * w).sum((0, 1)) / (n - 1).clamp(min=1)
+    return (var + 1e-6).sqrt().mean()
+
+
+def forward_loss(model, teacher, batch, cfg):
+    """The data2vec objective on one micro-batch: the student, fed the masked input, regresses at the
+    masked steps the teacher's average of its top-K normalised blocks for the unmasked input."""
+    source, padding_mask, mask = batch
+    pred, teacher_input, frame_padding = model(source, padding_mask, mask)        # (B, T, D) each
+    y = teacher_targets(teacher, teacher_input, frame_padding, cfg.target_layer, cfg.top_k, cfg.target_norm,
+                        cfg.teacher_context)                                      # (B, T, D) fp32, no grad
+    loss = regression_loss(pred, y, mask, cfg.loss_beta, cfg.loss_scale or None)
+    return loss, dict(target_var=masked_std(y, mask), pred_var=masked_std(pred.detach().float(), mask))
+
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile: the one to EMA, save and evaluate."""
+    model = getattr(model, 'module', model)
+    return getattr(model, '_orig_mod', model)
+
+
+def train_step(model, teacher, optimizer, micro_batches, step, cfg, autocast):
+    """One update: accumulate gradients over the micro-batches, clip, Adam step, then the EMA step.
+
+    Returns the last micro-batch's loss and stats as device tensors: nothing here waits for the GPU.
+    """
+    for group in optimizer.param_groups:
+        group['lr'] = lr_at(step, cfg)
+    for i, batch in enumerate(micro_batches):
+        sync = i == len(micro_batches) - 1 or not isinstance(model, DDP)
+        with (nullcontext() if sync else model.no_sync()), autocast:
+            loss, stats = forward_loss(model, teacher, batch, cfg)
+        (loss / len(micro_batches)).backward()
+    if cfg.clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip, foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema_update_(unwrap(teacher), unwrap(model).encoder, ema_decay_at(step + 1, cfg.ema_start, cfg.ema_end, cfg.ema_anneal_steps))
+    return loss.detach(), stats
+
+# -------------------------------------------------------------------------------------------- checkpoint and curves
+
+
+def save_checkpoint(path, model, teacher, optimizer, step, mcfg, cfg):
+    """One dict of tensors and plain types, from the unwrapped modules; written to a temp file, then renamed."""
+    ckpt = dict(student=unwrap(model).state_dict(), teacher=unwrap(teacher).state_dict(), optimizer=optimizer.state_dict(),
+                step=step, config=dict(model=asdict(mcfg), train=asdict(cfg)),
+                rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'wb') as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def plot_curves(records, path, warmup_steps):
+    """loss, lr, τ, target/prediction std and throughput against step."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    steps = [r['step'] for r in records]
+    panels = [('loss', 'loss'), ('lr', 'learning rate'), ('ema_decay', 'teacher EMA decay τ'),
+              ('target_var', 'target std (collapse < 0.1)'), ('pred_var', 'prediction std (collapse < 0.01)'),
+              ('samples_per_s', 'utterances / s')]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (key, title) in zip(axes.flat, panels):
+        ax.plot(steps, [r[key] for r in records], lw=1.5)
+        ax.set(title=title, xlabel='step')
+        ax.axvline(warmup_steps, color='grey', lw=0.8, ls=':')
+        ax.grid(alpha=0.3)
+    axes[1, 0].axhline(0.1, color='red', lw=1, ls='--')
+    axes[1, 1].axhline(0.01, color='red', lw=1, ls='--')
+    fig.suptitle('data2vec pretraining (dotted: end of warm-up)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    mcfg, cfg = parse_args(argv)
+    ddp = 'RANK' in os.environ
+    if ddp:
+        dist.init_process_group('nccl' if torch.cuda.is_available() and cfg.device != 'cpu' else 'gloo')
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    cuda = cfg.device == 'cuda' or (cfg.device == 'auto' and torch.cuda.is_available())
+    device = torch.device(f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}' if cuda else 'cpu')
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()   # CPU stays fp32
+    master = rank == 0
+    accum = cfg.batch_size // (cfg.micro_batch_size * world)           # the global batch does not depend on the GPU count
+
+    out = Path(cfg.out)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / 'config.json').write_text(json.dumps(dict(model=asdict(mcfg), train=asdict(cfg)), indent=2))
+    dataset = AudioFolder(cfg.data) if cfg.data else SyntheticSpeech(seed=0)
+    data = batches(dataset, cfg, rank, world, pin=cuda)
+
+    torch.manual_seed(cfg.seed)                                        # the same initial weights on every rank
+    model = Data2Vec(mcfg).to(device)
+    teacher = make_teacher(model.encoder)
+    torch.manual_seed(cfg.seed + rank)                                 # different dropout, crops and masks on every rank
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay, **(dict(fused=True) if cuda else dict(foreach=True)))
+    if master:
+        print(f'torch {torch.__version__} on {device} × {world}; {len(dataset)} utterances '
+              f'({cfg.data or "embedded synthetic corpus"}); batch {cfg.batch_size} = {cfg.micro_batch_size} × {accum} accumulation × {world}')
+        print(f'student: {model.num_params() / 1e6:.2f} M parameters + regression head {(model.num_params(True) - model.num_params()) / 1e6:.2f} M; '
+              f'teacher (EMA of the Transformer): {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M')
+    if cfg.compile:
+        model, teacher = torch.compile(model), torch.compile(teacher)
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if cuda else None)
+
+    records, loss_sum, last_log, t0, t_start = [], torch.zeros((), device=device), 0, time.time(), time.time()
+    warmup_steps = int(cfg.warmup * cfg.steps)
+    log_file = open(out / 'log.jsonl', 'w') if master else None
+    pbar = tqdm(range(cfg.steps), disable=not master, desc='pretraining', dynamic_ncols=True)
+    for step in pbar:
+        micro = [[t.to(device, non_blocking=True) if t is not None else None for t in next(data)] for _ in range(accum)]
+        loss, stats = train_step(model, teacher, optimizer, micro, step, cfg, autocast)
+        loss_sum += loss
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:           # the only host syncs, once per log interval
+            logged = torch.stack([loss_sum / (done - last_log), stats['target_var'], stats['pred_var']])
+            if ddp:
+                dist.all_reduce(logged, op=dist.ReduceOp.AVG)          # every rank takes the same collapse decision
+            loss_avg, target_var, pred_var = logged.tolist()
+            rec = dict(step=done, loss=loss_avg, lr=lr_at(step, cfg),
+                       ema_decay=ema_decay_at(done, cfg.ema_start, cfg.ema_end, cfg.ema_anneal_steps),
+                       target_var=target_var, pred_var=pred_var,
+                       samples_per_s=(done - last_log) * cfg.batch_size / (time.time() - t0), elapsed_s=time.time() - t_start)
+            loss_sum.zero_()
+            last_log, t0 = done, time.time()
+            records.append(rec)
+            if master:
+                log_file.write(json.dumps(rec) + '\n')
+                log_file.flush()
+                pbar.set_postfix(loss=f'{rec["loss"]:.3f}', tgt_std=f'{rec["target_var"]:.3f}', pred_std=f'{rec["pred_var"]:.3f}')
+            if done > warmup_steps and (rec['target_var'] < 0.1 or rec['pred_var'] < 0.01):
+                if master:
+                    plot_curves(records, out / 'curves.png', warmup_steps)
+                raise SystemExit(f'collapse at step {done}: target std {rec["target_var"]:.4f} (min 0.1), prediction std '
+                                 f'{rec["pred_var"]:.4f} (min 0.01). The paper lists too high a learning rate, too short a '
+                                 f'warm-up and too low a τ as causes. {out / "checkpoint.pt"} holds the last good state.')
+        if master and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+            save_checkpoint(out / 'checkpoint.pt', model, teacher, optimizer, done, mcfg, cfg)
+    if master:
+        plot_curves(records, out / 'curves.png', warmup_steps)
+        first, last = records[0], records[-1]
+        print(f'done: {cfg.steps} steps in {time.time() - t_start:.0f} s; loss {first["loss"]:.3f} → {last["loss"]:.3f}; '
+              f'target std {last["target_var"]:.3f}, prediction std {last["pred_var"]:.3f}; wrote {out}/'
+              '{config.json, log.jsonl, checkpoint.pt, curves.png}')
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except DataError as e:                                             # bad data: one line naming the file, no traceback
+        sys.exit(f'train.py: error: {str(e).strip().splitlines()[-1]}')
