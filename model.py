@@ -9,7 +9,7 @@ Legend:  B batch · S waveform samples · T time steps (frames) · D model width
 Mask convention (masking.py): mask is bool (B, T), True = masked.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,7 @@ TAPS = ('attention', 'ffn', 'ffn_residual', 'block')  # which tensor of a block 
 @dataclass
 class ModelConfig:
     """Architecture. Defaults are data2vec Base for speech (fairseq base_librispeech.yaml)."""
-    modality: str = 'speech'
+    modality: str = field(default='speech', metadata=dict(help='speech (vision and text come in later issues)'))
     dim: int = 768               # D
     layers: int = 12             # L
     heads: int = 12
@@ -42,15 +42,17 @@ def attention_mask(padding_mask, T, window=0, device=None):
     """Boolean SDPA mask (True = may attend), or None when every step sees every step.
 
     padding_mask (B, T) hides padded keys; window W > 0 lets step t see only steps |t − s| ≤ W
-    (the paper's teacher-context ablation, Figure 3). Returns (B, 1, T, T), (T, T) or None.
+    (the paper's teacher-context ablation, Figure 3). Every step may see itself, so no row is empty
+    (a padded step further than W from any valid one would be). Returns (B, 1, T, T), (T, T) or None.
     """
+    idx = torch.arange(T, device=device)
     mask = None
     if window > 0:
-        idx = torch.arange(T, device=device)
         mask = (idx[:, None] - idx[None, :]).abs() <= window                 # (T, T)
     if padding_mask is not None:
         keys = rearrange(~padding_mask, 'b s -> b 1 1 s')                     # (B, 1, 1, T)
         mask = keys if mask is None else keys & mask                          # (B, 1, T, T)
+        mask = mask | (idx[:, None] == idx[None, :])                          # every step sees itself
     return mask
 
 

@@ -7,6 +7,7 @@ Sections: config → data → the data2vec step → checkpoint and curves → ma
 Outputs in --out: config.json, log.jsonl, checkpoint.pt, curves.png.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.speech import AudioFolder, DataError, SyntheticSpeech, crop_and_pad
+from data.speech import SR, AudioFolder, DataError, SyntheticSpeech, crop_and_pad
 from encoders import conv_output_length
 from masking import span_mask
 from model import TAPS, Data2Vec, ModelConfig, regression_loss
@@ -39,7 +40,6 @@ def knob(default, help):
 @dataclass
 class TrainConfig:
     """Everything but the architecture. Defaults are data2vec Base for speech (paper + fairseq base_librispeech.yaml)."""
-    modality: str = knob('speech', 'speech (vision and text come in later issues)')
     preset: str = knob('tiny', "tiny: CPU, embedded data, ≤ 5 min | base | large: the paper's models")
     data: str = knob('', 'folder of .wav/.flac (LibriSpeech layout); empty: the embedded synthetic corpus')
     out: str = knob('', 'output folder (default runs/<modality>)')
@@ -92,9 +92,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description='data2vec pretraining. Every flag defaults to its --preset value '
                                             '(tiny unless given); [base …, tiny …] shows the two for speech.')
     tiny = PRESETS['speech']['tiny']
-    for f in fields(TrainConfig) + fields(ModelConfig):
-        if any(a.dest == f.name for a in p._actions):
-            continue                                                   # `modality` is in both
+    for f in fields(ModelConfig) + fields(TrainConfig):
         kind = type(f.default) if f.default is not MISSING else str
         kw = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
         shown = f'[base {f.default!r}' + (f', tiny {tiny[f.name]!r}]' if f.name in tiny else ']')
@@ -109,7 +107,7 @@ def parse_args(argv=None):
     values = {**PRESETS[modality][preset], **args}
     mcfg = ModelConfig(**{k: v for k, v in values.items() if k in ModelConfig.__dataclass_fields__})
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__})
-    cfg.out = cfg.out or f'runs/{modality}'
+    cfg.out = cfg.out or f'runs/{mcfg.modality}'
     try:
         check_config(mcfg, cfg, world=int(os.environ.get('WORLD_SIZE', 1)))
     except ValueError as e:
@@ -119,6 +117,13 @@ def parse_args(argv=None):
 
 def check_config(mcfg, cfg, world=1):
     """Out-of-range flags fail here with the flag's name, not deep inside torch."""
+    counts = dict(steps=cfg.steps, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, layers=mcfg.layers,
+                  dim=mcfg.dim, heads=mcfg.heads, ffn_dim=mcfg.ffn_dim, conv_dim=mcfg.conv_dim, pos_conv_depth=mcfg.pos_conv_depth,
+                  pos_conv_kernel=mcfg.pos_conv_kernel, pos_conv_groups=mcfg.pos_conv_groups, log_every=cfg.log_every,
+                  ckpt_every=cfg.ckpt_every)
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f'--{name.replace("_", "-")} {value} must be ≥ 1')
     checks = [
         (1 <= cfg.top_k <= mcfg.layers, f'--top-k {cfg.top_k} must be between 1 and --layers ({mcfg.layers})'),
         (cfg.target_layer in TAPS, f'--target-layer {cfg.target_layer}: choose from {", ".join(TAPS)}'),
@@ -129,7 +134,7 @@ def check_config(mcfg, cfg, world=1):
         (cfg.mask_length >= 1, f'--mask-length {cfg.mask_length} must be ≥ 1'),
         (all(0 <= t <= 1 for t in (cfg.ema_start, cfg.ema_end)), '--ema-start and --ema-end must be in [0, 1]'),
         (cfg.ema_anneal_steps >= 0, '--ema-anneal-steps must be ≥ 0'),
-        (cfg.lr > 0 and cfg.steps > 0, '--lr and --steps must be > 0'),
+        (cfg.lr > 0, f'--lr {cfg.lr} must be > 0'),
         (0 <= cfg.warmup and 0 <= cfg.hold and cfg.warmup + cfg.hold <= 1, '--warmup and --hold must be ≥ 0 with a sum ≤ 1'),
         (cfg.batch_size % (cfg.micro_batch_size * world) == 0,
          f'--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size × devices ({cfg.micro_batch_size} × {world})'),
@@ -139,7 +144,7 @@ def check_config(mcfg, cfg, world=1):
         (mcfg.dim % mcfg.heads == 0, f'--dim {mcfg.dim} must be divisible by --heads {mcfg.heads}'),
         (mcfg.dim % mcfg.pos_conv_groups == 0, f'--dim {mcfg.dim} must be divisible by --pos-conv-groups {mcfg.pos_conv_groups}'),
         (all(0 <= p < 1 for p in (mcfg.dropout, mcfg.attn_dropout, mcfg.layerdrop)), 'dropouts must be in [0, 1)'),
-        (min(cfg.log_every, cfg.ckpt_every, cfg.micro_batch_size) >= 1 and cfg.workers >= 0, 'counts must be ≥ 1'),
+        (cfg.workers >= 0, f'--workers {cfg.workers} must be ≥ 0'),
     ]
     for ok, msg in checks:
         if not ok:
@@ -175,9 +180,10 @@ def batches(dataset, cfg, rank, world, pin):
     Where the dataset knows its lengths, each micro-batch takes utterances of similar length (fairseq
     batches by size), so little is padded and the shared mask count stays near 49% of every row.
     """
-    g, n = torch.Generator().manual_seed(cfg.seed), cfg.micro_batch_size
+    n = cfg.micro_batch_size
     to_batch = partial(collate, crop=cfg.crop, mask_prob=cfg.mask_prob, mask_length=cfg.mask_length)
-    while True:
+    for epoch in itertools.count():
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)          # one order per epoch, the same on every rank
         order = torch.randperm(len(dataset), generator=g)[rank::world]            # this rank's share
         if getattr(dataset, 'lengths', None):
             lengths = torch.tensor(dataset.lengths)
@@ -221,21 +227,24 @@ def unwrap(model):
 def train_step(model, teacher, optimizer, micro_batches, step, cfg, autocast):
     """One update: accumulate gradients over the micro-batches, clip, Adam step, then the EMA step.
 
-    Returns the last micro-batch's loss and stats as device tensors: nothing here waits for the GPU.
+    Returns the loss and stats averaged over the micro-batches, as device tensors: nothing here waits for the GPU.
     """
     for group in optimizer.param_groups:
         group['lr'] = lr_at(step, cfg)
+    total = {}
     for i, batch in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1 or not isinstance(model, DDP)
         with (nullcontext() if sync else model.no_sync()), autocast:
             loss, stats = forward_loss(model, teacher, batch, cfg)
         (loss / len(micro_batches)).backward()
+        for k, v in dict(stats, loss=loss.detach()).items():
+            total[k] = total.get(k, 0) + v / len(micro_batches)
     if cfg.clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip, foreach=True)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ema_update_(unwrap(teacher), unwrap(model).encoder, ema_decay_at(step + 1, cfg.ema_start, cfg.ema_end, cfg.ema_anneal_steps))
-    return loss.detach(), stats
+    return total
 
 # -------------------------------------------------------------------------------------------- checkpoint and curves
 
@@ -299,7 +308,10 @@ def main(argv=None):
     if master:
         out.mkdir(parents=True, exist_ok=True)
         (out / 'config.json').write_text(json.dumps(dict(model=asdict(mcfg), train=asdict(cfg)), indent=2))
-    dataset = AudioFolder(cfg.data) if cfg.data else SyntheticSpeech(seed=0)
+    # real audio shorter than 0.25 s (12 frames) is left out; the embedded corpus is 1–4 s
+    dataset = AudioFolder(cfg.data, min_samples=SR // 4) if cfg.data else SyntheticSpeech(seed=0)
+    if master and getattr(dataset, 'skipped', None):
+        print(f'skipped {len(dataset.skipped)} files shorter than 0.25 s, e.g. {dataset.skipped[0]}')
     data = batches(dataset, cfg, rank, world, pin=cuda)
 
     torch.manual_seed(cfg.seed)                                        # the same initial weights on every rank
@@ -318,14 +330,14 @@ def main(argv=None):
     if ddp:
         model = DDP(model, device_ids=[device.index] if cuda else None)
 
-    records, loss_sum, last_log, t0, t_start = [], torch.zeros((), device=device), 0, time.time(), time.time()
+    records, loss_sum, last_log, last_ckpt, t0, t_start = [], torch.zeros((), device=device), 0, 0, time.time(), time.time()
     warmup_steps = int(cfg.warmup * cfg.steps)
     log_file = open(out / 'log.jsonl', 'w') if master else None
     pbar = tqdm(range(cfg.steps), disable=not master, desc='pretraining', dynamic_ncols=True)
     for step in pbar:
         micro = [[t.to(device, non_blocking=True) if t is not None else None for t in next(data)] for _ in range(accum)]
-        loss, stats = train_step(model, teacher, optimizer, micro, step, cfg, autocast)
-        loss_sum += loss
+        stats = train_step(model, teacher, optimizer, micro, step, cfg, autocast)
+        loss_sum += stats['loss']
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:           # the only host syncs, once per log interval
             logged = torch.stack([loss_sum / (done - last_log), stats['target_var'], stats['pred_var']])
@@ -346,12 +358,15 @@ def main(argv=None):
             if done > warmup_steps and (rec['target_var'] < 0.1 or rec['pred_var'] < 0.01):
                 if master:
                     plot_curves(records, out / 'curves.png', warmup_steps)
+                saved = f'{out / "checkpoint.pt"} is from step {last_ckpt}' if last_ckpt else 'no checkpoint was written yet'
                 raise SystemExit(f'collapse at step {done}: target std {rec["target_var"]:.4f} (min 0.1), prediction std '
                                  f'{rec["pred_var"]:.4f} (min 0.01). The paper lists too high a learning rate, too short a '
-                                 f'warm-up and too low a τ as causes. {out / "checkpoint.pt"} holds the last good state.')
+                                 f'warm-up and too low a τ as causes; {saved}.')
         if master and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             save_checkpoint(out / 'checkpoint.pt', model, teacher, optimizer, done, mcfg, cfg)
+            last_ckpt = done
     if master:
+        log_file.close()
         plot_curves(records, out / 'curves.png', warmup_steps)
         first, last = records[0], records[-1]
         print(f'done: {cfg.steps} steps in {time.time() - t_start:.0f} s; loss {first["loss"]:.3f} → {last["loss"]:.3f}; '
@@ -365,4 +380,5 @@ if __name__ == '__main__':
     try:
         main()
     except DataError as e:                                             # bad data: one line naming the file, no traceback
-        sys.exit(f'train.py: error: {str(e).strip().splitlines()[-1]}')
+        line = str(e).strip().splitlines()[-1]                         # from a loader worker, the message ends with the original
+        sys.exit(f'train.py: error: {line.removeprefix("data.speech.DataError: ")}')

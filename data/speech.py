@@ -183,9 +183,10 @@ class AudioFolder(torch.utils.data.Dataset):
 
     ('<utterance id> <TEXT>' per line, id = file stem); '' where there is none. `lengths` (in samples at
     `sample_rate`) come from the file headers at start-up, so unreadable headers fail before training.
+    Files shorter than `min_samples` are left out and listed in `skipped`.
     """
 
-    def __init__(self, root, sample_rate=SR):
+    def __init__(self, root, sample_rate=SR, min_samples=0):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f'--data {root}: no such directory')
@@ -193,7 +194,12 @@ class AudioFolder(torch.utils.data.Dataset):
         if not self.files:
             raise DataError(f'--data {root}: no .wav or .flac files under it')
         self.sample_rate = sample_rate
-        self.lengths = [self._length(p) for p in tqdm(self.files, desc='reading audio headers', disable=len(self.files) < 2000)]
+        lengths = [self._length(p) for p in tqdm(self.files, desc='reading audio headers', disable=len(self.files) < 2000)]
+        self.skipped = [p for p, n in zip(self.files, lengths) if n < min_samples]
+        kept = [(p, n) for p, n in zip(self.files, lengths) if n >= min_samples]
+        if not kept:
+            raise DataError(f'--data {root}: every audio file is shorter than {min_samples} samples')
+        self.files, self.lengths = map(list, zip(*kept))
         self.transcripts = {}
         for tf in root.rglob('*.trans.txt'):
             for line in tf.read_text(encoding='utf-8').splitlines():

@@ -74,3 +74,13 @@ def test_missing_or_empty_data_folder(tmp_path):
         AudioFolder(tmp_path / 'nope')
     with pytest.raises(DataError, match='no .wav or .flac'):
         AudioFolder(tmp_path)
+
+
+def test_too_short_files_are_skipped_and_listed(tmp_path):
+    import soundfile as sf
+    sf.write(str(tmp_path / 'long.wav'), np.zeros(8000, np.float32) + 0.1, SR)
+    sf.write(str(tmp_path / 'blip.wav'), np.zeros(300, np.float32) + 0.1, SR)
+    ds = AudioFolder(tmp_path, min_samples=4000)
+    assert len(ds) == 1 and ds.lengths == [8000] and [p.name for p in ds.skipped] == ['blip.wav']
+    with pytest.raises(DataError, match='shorter than 9000'):
+        AudioFolder(tmp_path, min_samples=9000)

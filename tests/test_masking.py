@@ -38,3 +38,15 @@ def test_start_probability_is_mask_prob_over_span():
     # and a span of 10 at the same start probability masks 1 − (1 − 0.065)^10 of the steps, less the trimming to equal counts
     mask10 = span_mask(torch.full((200,), 1000), 1000, mask_prob=0.65, span=10, generator=g)
     assert 0.47 < mask10.float().mean().item() < 1 - (1 - 0.065) ** 10 + 0.01
+
+
+def test_rows_of_different_lengths_meet_at_the_mean_fraction_of_the_shortest():
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([250, 200, 150, 125])
+    fractions = []
+    for _ in range(200):
+        mask = span_mask(lengths, 250, 0.65, 10, generator=g)
+        counts = mask.sum(1)
+        assert (counts == counts[0]).all() and not (mask & (torch.arange(250) >= lengths[:, None])).any()
+        fractions.append(counts[0].item() / 125)
+    assert abs(sum(fractions) / len(fractions) - 0.49) < 0.02       # the shortest row is masked as the paper says

@@ -33,7 +33,9 @@ def test_one_step_from_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize('flag, value, words', [('--top-k', '13', '--top-k 13'), ('--mask-prob', '1.5', '--mask-prob 1.5'),
-                                                 ('--target-layer', 'fc3', '--target-layer fc3'), ('--preset', 'huge', '--preset huge')])
+                                                 ('--target-layer', 'fc3', '--target-layer fc3'), ('--preset', 'huge', '--preset huge'),
+                                                 ('--micro-batch-size', '0', '--micro-batch-size 0'), ('--heads', '0', '--heads 0'),
+                                                 ('--batch-size', '0', '--batch-size 0')])
 def test_out_of_range_flags_fail_with_the_flag_name(flag, value, words):
     r = run(flag, value, '--preset', 'base') if flag != '--preset' else run(flag, value)
     assert r.returncode == 2 and words in r.stderr and 'Traceback' not in r.stderr
@@ -55,3 +57,28 @@ def test_tri_stage_schedule():
     assert lr_at(10, cfg) == lr_at(69, cfg) == 1.0
     assert lr_at(85, cfg) == pytest.approx(0.1)                       # halfway through the decay: 0.01 ** 0.5
     assert lr_at(100, cfg) == pytest.approx(0.01)
+
+
+def test_ranks_share_out_each_epoch_without_overlap():
+    """Two ranks draw disjoint micro-batches in every epoch, also when the data does not split evenly."""
+    import numpy as np
+    from train import batches, parse_args
+
+    class Numbered(torch.utils.data.Dataset):                         # utterance i is the constant i, 1 s long
+        lengths = [16000] * 21
+
+        def __len__(self):
+            return 21
+
+        def __getitem__(self, i):
+            return np.full(16000, float(i), np.float32), ''
+
+    _, cfg = parse_args(['--micro-batch-size', '2', '--batch-size', '4', '--workers', '0'])
+    seen = {}
+    for rank in (0, 1):
+        it = batches(Numbered(), cfg, rank, 2, pin=False)
+        ids = [next(it)[0][:, 0].long().tolist() for _ in range(10)]  # 5 micro-batches per rank and epoch
+        seen[rank] = [set(sum(ids[:5], [])), set(sum(ids[5:], []))]
+    for epoch in (0, 1):
+        assert len(seen[0][epoch]) == len(seen[1][epoch]) == 10 and not seen[0][epoch] & seen[1][epoch]
+    assert seen[0][0] != seen[0][1]                                   # reshuffled
