@@ -120,7 +120,7 @@ def check_config(mcfg, cfg, world=1):
     counts = dict(steps=cfg.steps, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, layers=mcfg.layers,
                   dim=mcfg.dim, heads=mcfg.heads, ffn_dim=mcfg.ffn_dim, conv_dim=mcfg.conv_dim, pos_conv_depth=mcfg.pos_conv_depth,
                   pos_conv_kernel=mcfg.pos_conv_kernel, pos_conv_groups=mcfg.pos_conv_groups, log_every=cfg.log_every,
-                  ckpt_every=cfg.ckpt_every)
+                  ckpt_every=cfg.ckpt_every, mask_length=cfg.mask_length)
     for name, value in counts.items():
         if value < 1:
             raise ValueError(f'--{name.replace("_", "-")} {value} must be ≥ 1')
@@ -131,7 +131,6 @@ def check_config(mcfg, cfg, world=1):
         (cfg.teacher_context >= 0, f'--teacher-context {cfg.teacher_context} must be ≥ 0'),
         (cfg.loss_beta >= 0, f'--loss-beta {cfg.loss_beta} must be ≥ 0'),
         (0 <= cfg.mask_prob <= 1, f'--mask-prob {cfg.mask_prob} must be in [0, 1]'),
-        (cfg.mask_length >= 1, f'--mask-length {cfg.mask_length} must be ≥ 1'),
         (all(0 <= t <= 1 for t in (cfg.ema_start, cfg.ema_end)), '--ema-start and --ema-end must be in [0, 1]'),
         (cfg.ema_anneal_steps >= 0, '--ema-anneal-steps must be ≥ 0'),
         (cfg.lr > 0, f'--lr {cfg.lr} must be > 0'),
@@ -308,10 +307,10 @@ def main(argv=None):
     if master:
         out.mkdir(parents=True, exist_ok=True)
         (out / 'config.json').write_text(json.dumps(dict(model=asdict(mcfg), train=asdict(cfg)), indent=2))
-    # real audio shorter than 0.25 s (12 frames) is left out; the embedded corpus is 1–4 s
-    dataset = AudioFolder(cfg.data, min_samples=SR // 4) if cfg.data else SyntheticSpeech(seed=0)
+    min_seconds = 0.25                                                 # 12 frames; the embedded corpus is 1–4 s
+    dataset = AudioFolder(cfg.data, min_samples=int(min_seconds * SR)) if cfg.data else SyntheticSpeech(seed=0)
     if master and getattr(dataset, 'skipped', None):
-        print(f'skipped {len(dataset.skipped)} files shorter than 0.25 s, e.g. {dataset.skipped[0]}')
+        print(f'skipped {len(dataset.skipped)} files shorter than {min_seconds} s, e.g. {dataset.skipped[0]}')
     data = batches(dataset, cfg, rank, world, pin=cuda)
 
     torch.manual_seed(cfg.seed)                                        # the same initial weights on every rank
