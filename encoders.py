@@ -8,7 +8,13 @@ modality-specific work in a feature encoder in front of it. For speech that is w
     [student only: masked frames → mask embedding; model.py]
         ─ conv positional encoder: x + g(x) ─→ the Transformer
 
-Legend: B batch, S waveform samples, T frames, C conv channels, D model width.
+For images it is BEiT's (data2vec vision v1, facebookresearch/data2vec_vision/beit):
+
+    image (B, 3, H, W) ─ ImageNet mean/std ─ Conv2d(3, D, P, stride P) ─→ patches (B, N, D), N = (H/P)(W/P)
+        [student only: masked patches → mask token; CLS token prepended; model.VisionTransformer]
+    positions: no absolute embedding, one relative position bias shared by all blocks, added to the logits
+
+Legend: B batch, S waveform samples, T frames, C conv channels, D model width, N patches, H heads.
 Parameter names follow fairseq/HF closely enough that a plain key map loads released weights (README).
 """
 import torch
@@ -111,3 +117,54 @@ class ConvPositionalEncoder(nn.Module):
             h = F.gelu(F.layer_norm(rearrange(h, 'b d t -> b t d'), h.shape[1:2]))
             h = rearrange(h, 'b t d -> b d t') * keep              # zero padding after every layer, not only before the first
         return x + rearrange(h, 'b d t -> b t d')
+
+
+# ImageNet channel statistics (timm IMAGENET_DEFAULT_MEAN/STD, BEiT --imagenet_default_mean_and_std)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PatchEmbed(nn.Module):
+    """Image → patch embeddings: normalise with the ImageNet mean/std, Conv2d(3, D, P, stride P).
+
+    image: (B, 3, H, W) floats in [0, 1] → (B, N, D), patches in row-major order (N = H/P · W/P).
+    """
+
+    def __init__(self, dim=768, patch_size=16):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+
+    def forward(self, image):
+        x = self.proj((image - self.mean) / self.std)              # (B, D, H/P, W/P)
+        return rearrange(x, 'b d h w -> b (h w) d')                # (B, N, D)
+
+
+class RelativePositionBias(nn.Module):
+    """BEiT's relative position bias, one table shared by every block (data2vec vision v1):
+
+        logits_ij += table[index(i, j)]   per head, for the N + 1 tokens (CLS first, then patches)
+
+    Two patches at rows/columns (y_i, x_i), (y_j, x_j) read the row of their offset
+    (y_i − y_j, x_i − x_j): (2h − 1)(2w − 1) offsets on an h × w grid. Three more rows hold CLS → patch,
+    patch → CLS and CLS → CLS: (2·14 − 1)² + 3 = 732 rows for ViT-B/16 at 224². Zero at init (BEiT).
+    forward() → bias (H, N + 1, N + 1).
+    """
+
+    def __init__(self, grid, heads):
+        super().__init__()
+        h, w = grid
+        offsets = (2 * h - 1) * (2 * w - 1)
+        self.table = nn.Parameter(torch.zeros(offsets + 3, heads))
+        yx = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')).flatten(1)  # (2, N)
+        dy, dx = yx[:, :, None] - yx[:, None, :]                   # (N, N) each, in [−h + 1, h − 1] and [−w + 1, w − 1]
+        index = torch.empty(h * w + 1, h * w + 1, dtype=torch.long)
+        index[1:, 1:] = (dy + h - 1) * (2 * w - 1) + (dx + w - 1)
+        index[0, :] = offsets                                      # CLS → patch
+        index[:, 0] = offsets + 1                                  # patch → CLS
+        index[0, 0] = offsets + 2                                  # CLS → CLS
+        self.register_buffer('index', index, persistent=False)     # a function of the grid; not in checkpoints (as HF)
+
+    def forward(self):
+        return rearrange(self.table[self.index], 'i j h -> h i j')  # (H, N + 1, N + 1)

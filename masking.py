@@ -5,9 +5,14 @@ student sees the mask embedding there and the loss is taken there. Padded steps 
 
 Speech uses wav2vec 2.0 span masking with the semantics of fairseq `compute_mask_indices`
 (mask_selection static, no_mask_overlap False, require_same_masks True, min_masks 1).
+Vision uses BEiT's block-wise masking on the patch grid (data2vec vision v1: 120 of 196 patches).
+Both give every row of a batch the same masked count, so shapes stay static for torch.compile.
 
-    python masking.py        # saves masks.png, a picture of a batch of masks, and prints the masked fraction
+    python masking.py        # saves masks.png (span masks and block masks) and prints the masked fractions
 """
+import math
+
+import numpy as np
 import torch
 
 
@@ -50,6 +55,50 @@ def span_mask(lengths, T, mask_prob=0.65, span=10, min_spans=1, generator=None):
     return mask
 
 
+def block_mask(batch, grid, count, min_block=16, min_aspect=0.3, attempts=10, generator=None):
+    """BEiT block-wise masks (BEiT masking_generator.py): (B, h·w) bool, exactly `count` patches per row.
+
+    For each image, while r = count − (patches masked so far) > 0, place a block:
+        area s ~ U(min_block, r),  aspect a = exp(U(log min_aspect, −log min_aspect)),
+        block h_b × w_b = round(√(s·a)) × round(√(s/a)) at a uniformly random position (h_b < h, w_b < w),
+        kept if it masks between 1 and r new patches; up to `attempts` tries per block.
+    Blocks may overlap earlier ones, which is how the last few patches get masked. Two changes to BEiT,
+    so every row has exactly `count` (BEiT stops short when no block fits) and every masked region has at
+    least `min_block` patches (BEiT's rounding can make a block of 14): blocks smaller than `min_block` are
+    redrawn, and when no block fits the few patches left, the mask grows by single patches that touch it.
+    data2vec vision: 120 of 196 (0.61), min_block 16, min_aspect 0.3. grid: (h, w) patches.
+    """
+    h, w = grid
+    if not 0 < count <= h * w:
+        raise ValueError(f'block_mask: cannot mask {count} of {h * w} patches')
+    seed = int(torch.randint(2 ** 62, (), generator=generator))             # numpy for speed: this runs per image
+    rng = np.random.default_rng(seed)
+    log_aspect = math.log(min_aspect), -math.log(min_aspect)
+    masks = np.zeros((batch, h, w), dtype=bool)
+    for m in masks:
+        while (left := count - int(m.sum())) > 0:
+            for _ in range(attempts):
+                area = min_block + (left - min_block) * rng.random()          # Python's random.uniform, as BEiT: works for left < min_block
+                aspect = math.exp(rng.uniform(*log_aspect))
+                bh, bw = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+                if bh * bw < min_block or bh >= h or bw >= w:
+                    continue
+                top, lft = rng.integers(h - bh + 1), rng.integers(w - bw + 1)
+                new = bh * bw - int(m[top:top + bh, lft:lft + bw].sum())
+                if 0 < new <= left:
+                    m[top:top + bh, lft:lft + bw] = True
+                    break
+            else:                                                             # no block fits: grow by one touching patch
+                touching = np.zeros_like(m)
+                touching[1:] |= m[:-1]
+                touching[:-1] |= m[1:]
+                touching[:, 1:] |= m[:, :-1]
+                touching[:, :-1] |= m[:, 1:]
+                free = np.flatnonzero((touching if m.any() else np.ones_like(m)) & ~m)
+                m.flat[rng.choice(free)] = True
+    return torch.from_numpy(masks.reshape(batch, h * w))
+
+
 if __name__ == '__main__':
     import matplotlib
     matplotlib.use('Agg')
@@ -61,16 +110,30 @@ if __name__ == '__main__':
     T = 250                                                  # 5 s of audio at 50 frames per second
     batches = {'equal lengths (embedded corpus, 1 s crops)': torch.full((8,), T),
                'padded, similar lengths (real data, grouped by length)': torch.tensor([250, 246, 240, 238, 233, 230, 226, 221])}
-    fig, axes = plt.subplots(2, 1, figsize=(10, 5))
-    for ax, (title, lengths) in zip(axes, batches.items()):
+    fig = plt.figure(figsize=(10, 8))
+    grid = fig.add_gridspec(3, 6, height_ratios=(1, 1, 1.15))
+    for row, (title, lengths) in enumerate(batches.items()):
+        ax = fig.add_subplot(grid[row, :])
         mask = span_mask(lengths, T, 0.65, 10, generator=g)
         picture = mask.float()                               # 1 = masked, 0 = visible, 0.5 = padding
         picture[torch.arange(T) >= lengths[:, None]] = 0.5
         ax.imshow(picture, aspect='auto', cmap='Greys', vmin=0, vmax=1, interpolation='nearest')
-        ax.set(ylabel='utterance', title=f'{title}: {mask.sum(1)[0]} masked frames per row, '
+        ax.set(ylabel='utterance', title=f'speech, {title}: {mask.sum(1)[0]} masked frames per row, '
                                          f'{mask.float().sum() / lengths.sum():.0%} of valid frames')
         print(f'{title}: per-row counts {mask.sum(1).tolist()}')
-    axes[1].set_xlabel('frame (20 ms)    black = masked, grey = padding; spans start with p = 0.065 and cover 10 frames')
-    fig.tight_layout()
+    ax.set_xlabel('frame (20 ms)    black = masked, grey = padding; spans start with p = 0.065 and cover 10 frames')
+    big = block_mask(1000, (14, 14), 120, generator=g)
+    print(f'vision block masks, 120 of 196, min block 16: masked fraction {big.float().mean():.3f}, '
+          f'per-row counts {big.sum(1).unique().tolist()}')
+    for col, mask in enumerate(block_mask(6, (14, 14), 120, generator=g)):
+        ax = fig.add_subplot(grid[2, col])
+        ax.imshow(mask.view(14, 14), cmap='Greys', vmin=0, vmax=1)
+        ax.set_xticks(torch.arange(-0.5, 14, 1), minor=True)
+        ax.set_yticks(torch.arange(-0.5, 14, 1), minor=True)
+        ax.grid(which='minor', color='lightgrey', lw=0.5)
+        ax.tick_params(which='both', length=0, labelbottom=False, labelleft=False)
+    fig.text(0.5, 0.01, 'vision (ViT-B/16, 224²): BEiT block masks on the 14 × 14 patch grid, 120 of 196 patches '
+             '(61%) per image, blocks of ≥ 16 patches', ha='center')
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig('masks.png', dpi=110)
     print('saved masks.png')

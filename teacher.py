@@ -2,10 +2,12 @@
 
     teacher weights   Δ ← τ Δ + (1 − τ) θ            after every student update θ
     decay schedule    τ: τ₀ → τₑ linearly over τₙ updates, then τₑ
-    targets           y_t = (1/K) Σ_{l = L−K+1..L} norm(a_t^l)
+    targets           y_t = post((1/K) Σ_{l = L−K+1..L} norm(a_t^l))
 
 a_t^l is a chosen tensor ('tap', model.Block) of teacher block l at step t for the unmasked input;
-norm is parameter-free (instance norm over time for speech). Legend as in model.py.
+norm and post are parameter-free. Speech: norm = instance norm over time, post = none (fairseq v1).
+Vision: norm = layer norm over channels, post = layer norm (data2vec vision post_target_layer_norm).
+Legend as in model.py.
 """
 import copy
 
@@ -58,13 +60,14 @@ def normalize(a, kind, padding_mask=None, eps=1e-5):
     raise ValueError(f'unknown target norm {kind!r}')
 
 
-def make_targets(layer_outputs, kind='instance', padding_mask=None):
-    """y = (1/K) Σ_l norm(a^l) over the K given block outputs, each (B, T, D). Returns (B, T, D) fp32."""
-    return sum(normalize(a, kind, padding_mask) for a in layer_outputs) / len(layer_outputs)
+def make_targets(layer_outputs, kind='instance', padding_mask=None, post='none'):
+    """y = post((1/K) Σ_l norm(a^l)) over the K given block outputs, each (B, T, D). Returns (B, T, D) fp32."""
+    y = sum(normalize(a, kind, padding_mask) for a in layer_outputs) / len(layer_outputs)
+    return normalize(y, post, padding_mask)
 
 
 @torch.no_grad()
-def teacher_targets(teacher, teacher_input, padding_mask=None, tap='ffn', top_k=8, norm='instance', window=0):
+def teacher_targets(teacher, teacher_input, padding_mask=None, tap='ffn', top_k=8, norm='instance', window=0, post='none'):
     """Run the teacher on the unmasked input and average its top-K taps. window: teacher context ±W (0 = all)."""
     _, taps = teacher(teacher_input, padding_mask, tap=tap, window=window)
-    return make_targets(taps[-top_k:], norm, padding_mask)
+    return make_targets(taps[-top_k:], norm, padding_mask, post)

@@ -1,7 +1,9 @@
 """data2vec pretraining, one flat script (read top to bottom, like nanoGPT's train.py).
 
     python train.py --modality speech                                   # tiny preset, CPU, embedded data, ≤ 5 min
+    python train.py --modality vision                                   # the same for images
     torchrun --nproc_per_node 8 train.py --modality speech --preset base --data /path/to/LibriSpeech --compile
+    torchrun --nproc_per_node 8 train.py --modality vision --preset base --data /path/to/imagenet/train --compile
 
 Sections: config → data → the data2vec step → checkpoint and curves → main (device/DDP, models, loop).
 Outputs in --out: config.json, log.jsonl, checkpoint.pt, curves.png.
@@ -24,9 +26,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.speech import SR, AudioFolder, DataError, SyntheticSpeech, crop_and_pad
+from data import DataError
+from data.speech import SR, AudioFolder, SyntheticSpeech, crop_and_pad
+from data.vision import ImageFolder, SyntheticImages, augment
 from encoders import conv_output_length
-from masking import span_mask
+from masking import block_mask, span_mask
 from model import TAPS, Data2Vec, ModelConfig, regression_loss
 from teacher import ema_decay_at, ema_update_, make_teacher, teacher_targets
 
@@ -41,7 +45,8 @@ def knob(default, help):
 class TrainConfig:
     """Everything but the architecture. Defaults are data2vec Base for speech (paper + fairseq base_librispeech.yaml)."""
     preset: str = knob('tiny', "tiny: CPU, embedded data, ≤ 5 min | base | large: the paper's models")
-    data: str = knob('', 'folder of .wav/.flac (LibriSpeech layout); empty: the embedded synthetic corpus')
+    data: str = knob('', 'speech: folder of .wav/.flac (LibriSpeech layout); vision: ImageFolder tree (<class>/<image>.png|jpg); '
+                         'empty: the embedded synthetic set')
     out: str = knob('', 'output folder (default runs/<modality>)')
     device: str = knob('auto', 'auto | cpu | cuda')
     compile: bool = knob(False, 'torch.compile the student and the teacher')
@@ -50,61 +55,96 @@ class TrainConfig:
     top_k: int = knob(8, 'K: average the top-K teacher blocks (Figure 2)')
     target_layer: str = knob('ffn', 'which tensor of each teacher block: ' + ' | '.join(TAPS) + ' (Table 5)')
     target_norm: str = knob('instance', 'per-block normalisation of targets: instance (over time) | layer | none')
+    target_post_norm: str = knob('none', 'normalisation of the average of the K blocks: none | layer | instance')
     teacher_context: int = knob(0, 'W: the teacher attends to ±W frames only; 0 = the whole input (Figure 3)')
     loss_beta: float = knob(0.0, 'β: 0 = L2, > 0 = Smooth L1 with this β (Table 7)')
-    loss_scale: float = knob(0.0, 'multiplies the per-step loss summed over channels; 0 = 1/√D (fairseq)')
+    loss_scale: float = knob(0.0, 'multiplies the per-step loss summed over channels; 0 = 1/√D (fairseq), -1 = 1/D (a mean: BEiT)')
     # masking
-    mask_prob: float = knob(0.65, 'fairseq mask_prob: span starts are p = mask_prob / mask_length of the frames (Table 8)')
-    mask_length: int = knob(10, 'frames per masked span (Table 8)')
+    mask_prob: float = knob(0.65, 'speech: fairseq mask_prob, span starts are p = mask_prob / mask_length of the frames '
+                                  '(Table 8); vision: the fraction of patches masked')
+    mask_length: int = knob(10, 'speech: frames per masked span (Table 8); vision: fewest patches per masked block')
+    min_crop_scale: float = knob(0.08, 'vision: random resized crops cover this fraction of the image or more')
     # teacher EMA: τ goes linearly τ0 → τe over τn updates, then stays
     ema_start: float = knob(0.999, 'τ0')
     ema_end: float = knob(0.9999, 'τe')
     ema_anneal_steps: int = knob(30_000, 'τn')
-    # optimisation: Adam (decoupled weight decay) on a tri-stage schedule
+    # optimisation: Adam with decoupled weight decay
+    schedule: str = knob('tri_stage', 'learning-rate schedule: tri_stage (fairseq) | cosine (BEiT)')
     lr: float = knob(5e-4, 'peak learning rate')
+    min_lr: float = knob(1e-5, 'cosine: the final learning rate')
     weight_decay: float = knob(0.01, 'decoupled weight decay')
     adam_beta2: float = knob(0.98, 'Adam β2 (β1 = 0.9)')
     adam_eps: float = knob(1e-6, 'Adam ε')
-    warmup: float = knob(0.03, 'tri-stage: fraction of steps warming up linearly from lr/100')
+    warmup: float = knob(0.03, 'fraction of steps warming up linearly (tri-stage: from lr/100; cosine: from 0)')
     hold: float = knob(0.9, 'tri-stage: fraction held at lr; the rest decays exponentially to lr/100')
     clip: float = knob(0.0, 'gradient-norm clipping; 0 = off (fairseq speech)')
     steps: int = knob(400_000, 'optimizer updates')
-    batch_size: int = knob(320, 'utterances per update over all GPUs and accumulation steps (320 × 12.3 s LibriSpeech mean ≈ 63 min)')
-    micro_batch_size: int = knob(10, 'utterances per forward pass on one device (10 × ≤ 20 s ≤ fairseq 3.8M samples); accumulation does the rest')
+    batch_size: int = knob(320, 'samples per update over all GPUs and accumulation steps (speech: 320 × 12.3 s LibriSpeech mean ≈ 63 min)')
+    micro_batch_size: int = knob(10, 'samples per forward pass on one device (speech: 10 × ≤ 20 s ≤ fairseq 3.8M samples); '
+                                     'accumulation does the rest')
     crop: int = knob(320_000, 'longest waveform in samples; longer ones are cropped at random (fairseq max_sample_size)')
     workers: int = knob(4, 'data-loader worker processes')
     log_every: int = knob(200, 'steps between log lines')
     ckpt_every: int = knob(25_000, 'steps between checkpoints (one is always written at the end)')
 
 
-PRESETS = {'speech': {
-    # tiny: ~1 M parameters, ≤ 5 min on 2 CPU cores. 1 s crops of the 1–4 s corpus need no padding, so every row is masked ≈ 49%.
-    'tiny': dict(dim=128, layers=4, heads=4, ffn_dim=512, conv_dim=32, layerdrop=0.0, top_k=3, lr=2e-3, warmup=0.1, hold=0.4,
-                 steps=400, batch_size=16, micro_batch_size=16, crop=16_000, ema_anneal_steps=400, workers=0,
-                 log_every=10, ckpt_every=100),
-    'base': dict(),                                                    # the dataclass defaults
-    'large': dict(dim=1024, layers=24, heads=16, ffn_dim=4096),
-}}
+# data2vec vision v1 (data2vec_vision/beit README command; paper where the two differ, README Deviations)
+VISION_BASE = dict(dropout=0.0, attn_dropout=0.05, layerdrop=0.0, drop_path=0.2, layer_scale=1e-4,
+                   top_k=6, target_layer='block', target_norm='layer', target_post_norm='layer', loss_beta=2.0, loss_scale=-1,
+                   mask_prob=120 / 196, mask_length=16, ema_start=0.9998, ema_end=0.9998, ema_anneal_steps=0,  # τ constant
+                   schedule='cosine', lr=2e-3, min_lr=1e-5, weight_decay=0.05, adam_beta2=0.999, adam_eps=1e-8, clip=3.0,
+                   warmup=0.05, steps=500_000, batch_size=2048, micro_batch_size=128, workers=10, log_every=500,
+                   ckpt_every=10_000)  # 800 epochs of ImageNet-1k at 2048 = 625 updates each, 40 of them warm-up
+
+PRESETS = {
+    'speech': {
+        # tiny: ~1 M parameters, ≤ 5 min on 2 CPU cores. 1 s crops of the 1–4 s corpus need no padding, so every row is masked ≈ 49%.
+        'tiny': dict(dim=128, layers=4, heads=4, ffn_dim=512, conv_dim=32, layerdrop=0.0, top_k=3, lr=2e-3, warmup=0.1, hold=0.4,
+                     steps=400, batch_size=16, micro_batch_size=16, crop=16_000, ema_anneal_steps=400, workers=0,
+                     log_every=10, ckpt_every=100),
+        'base': dict(),                                                # the dataclass defaults
+        'large': dict(dim=1024, layers=24, heads=16, ffn_dim=4096),
+    },
+    'vision': {
+        # tiny: 32² images in 4² patches (an 8 × 8 grid, 39 of 64 masked in blocks of ≥ 5), ≤ 5 min on 2 CPU cores
+        'tiny': dict(VISION_BASE, image_size=32, patch_size=4, dim=128, layers=4, heads=4, ffn_dim=512, drop_path=0.1, top_k=3,
+                     mask_length=5, ema_start=0.995, ema_end=0.995, min_crop_scale=0.35, steps=300, batch_size=64,
+                     micro_batch_size=64, warmup=0.1, workers=0, log_every=10, ckpt_every=100),
+        'base': VISION_BASE,                                           # ViT-B/16
+        'large': dict(VISION_BASE, dim=1024, layers=24, heads=16, ffn_dim=4096),  # ViT-L/16
+    },
+}
+
+
+ONLY = {'speech': ('crop', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'layerdrop', 'teacher_context'),
+        'vision': ('image_size', 'patch_size', 'layer_scale', 'drop_path', 'min_crop_scale')}   # flags of one modality
 
 
 def parse_args(argv=None):
     """Flags are generated from the two dataclasses, so every knob is written once. Order: defaults < preset < flags."""
-    p = argparse.ArgumentParser(description='data2vec pretraining. Every flag defaults to its --preset value '
-                                            '(tiny unless given); [base …, tiny …] shows the two for speech.')
-    tiny = PRESETS['speech']['tiny']
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--modality', default='speech')
+    modality = pre.parse_known_args(argv)[0].modality
+    presets = PRESETS.get(modality, PRESETS['speech'])
+    p = argparse.ArgumentParser(description=f'data2vec pretraining. Every flag defaults to its --preset value (tiny unless '
+                                            f'given); [base …, tiny …] shows them for --modality {modality}.')
     for f in fields(ModelConfig) + fields(TrainConfig):
         kind = type(f.default) if f.default is not MISSING else str
         kw = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
-        shown = f'[base {f.default!r}' + (f', tiny {tiny[f.name]!r}]' if f.name in tiny else ']')
+        base, tiny = presets['base'].get(f.name, f.default), presets['tiny'].get(f.name, f.default)
+        shown = f'[base {base!r}' + (f', tiny {tiny!r}]' if tiny != base else ']')
         shown = '' if f.name in ('modality', 'preset', 'data', 'out', 'device', 'compile', 'seed') else shown
         p.add_argument('--' + f.name.replace('_', '-'), default=None, help=f"{f.metadata.get('help', 'architecture')} {shown}", **kw)
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    modality, preset = args.get('modality', 'speech'), args.get('preset', 'tiny')
+    preset = args.get('preset', 'tiny')
     if modality not in PRESETS:
-        p.error(f'--modality {modality}: only speech is implemented so far')
-    if preset not in PRESETS[modality]:
-        p.error(f'--preset {preset}: choose from {", ".join(PRESETS[modality])}')
-    values = {**PRESETS[modality][preset], **args}
+        p.error(f'--modality {modality}: choose from {", ".join(PRESETS)}')
+    if preset not in presets:
+        p.error(f'--preset {preset}: choose from {", ".join(presets)}')
+    for other, names in ONLY.items():
+        for name in set(names) & set(args) - set(ONLY[modality]):
+            p.error(f'--{name.replace("_", "-")} is for --modality {other}; it does nothing for {modality}')
+    values = {**presets[preset], **args}
     mcfg = ModelConfig(**{k: v for k, v in values.items() if k in ModelConfig.__dataclass_fields__})
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__})
     cfg.out = cfg.out or f'runs/{mcfg.modality}'
@@ -120,7 +160,7 @@ def check_config(mcfg, cfg, world=1):
     counts = dict(steps=cfg.steps, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, layers=mcfg.layers,
                   dim=mcfg.dim, heads=mcfg.heads, ffn_dim=mcfg.ffn_dim, conv_dim=mcfg.conv_dim, pos_conv_depth=mcfg.pos_conv_depth,
                   pos_conv_kernel=mcfg.pos_conv_kernel, pos_conv_groups=mcfg.pos_conv_groups, log_every=cfg.log_every,
-                  ckpt_every=cfg.ckpt_every, mask_length=cfg.mask_length)
+                  ckpt_every=cfg.ckpt_every, mask_length=cfg.mask_length, image_size=mcfg.image_size, patch_size=mcfg.patch_size)
     for name, value in counts.items():
         if value < 1:
             raise ValueError(f'--{name.replace("_", "-")} {value} must be ≥ 1')
@@ -128,16 +168,20 @@ def check_config(mcfg, cfg, world=1):
         (1 <= cfg.top_k <= mcfg.layers, f'--top-k {cfg.top_k} must be between 1 and --layers ({mcfg.layers})'),
         (cfg.target_layer in TAPS, f'--target-layer {cfg.target_layer}: choose from {", ".join(TAPS)}'),
         (cfg.target_norm in ('instance', 'layer', 'none'), f'--target-norm {cfg.target_norm}: choose instance, layer or none'),
+        (cfg.target_post_norm in ('instance', 'layer', 'none'), f'--target-post-norm {cfg.target_post_norm}: choose instance, layer or none'),
+        (cfg.loss_scale > 0 or cfg.loss_scale in (0, -1), f'--loss-scale {cfg.loss_scale}: a positive number, 0 (1/√D) or -1 (1/D)'),
+        (cfg.schedule in ('tri_stage', 'cosine'), f'--schedule {cfg.schedule}: choose tri_stage or cosine'),
         (cfg.teacher_context >= 0, f'--teacher-context {cfg.teacher_context} must be ≥ 0'),
         (cfg.loss_beta >= 0, f'--loss-beta {cfg.loss_beta} must be ≥ 0'),
         (0 <= cfg.mask_prob <= 1, f'--mask-prob {cfg.mask_prob} must be in [0, 1]'),
         (all(0 <= t <= 1 for t in (cfg.ema_start, cfg.ema_end)), '--ema-start and --ema-end must be in [0, 1]'),
         (cfg.ema_anneal_steps >= 0, '--ema-anneal-steps must be ≥ 0'),
         (cfg.lr > 0, f'--lr {cfg.lr} must be > 0'),
-        (0 <= cfg.warmup and 0 <= cfg.hold and cfg.warmup + cfg.hold <= 1, '--warmup and --hold must be ≥ 0 with a sum ≤ 1'),
+        (0 <= cfg.warmup <= 1 and (cfg.schedule != 'tri_stage' or 0 <= cfg.hold <= 1 - cfg.warmup),
+         '--warmup must be in [0, 1] and, for tri_stage, --hold ≥ 0 with a sum ≤ 1'),
         (cfg.batch_size % (cfg.micro_batch_size * world) == 0,
          f'--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size × devices ({cfg.micro_batch_size} × {world})'),
-        (cfg.crop >= 16_000, f'--crop {cfg.crop} must be ≥ 16000 samples (1 s)'),
+        (mcfg.modality != 'speech' or cfg.crop >= 16_000, f'--crop {cfg.crop} must be ≥ 16000 samples (1 s)'),
         (cfg.device in ('auto', 'cpu', 'cuda'), f'--device {cfg.device}: choose auto, cpu or cuda'),
         (cfg.device != 'cuda' or torch.cuda.is_available(), '--device cuda: no CUDA device is available'),
         (mcfg.dim % mcfg.heads == 0, f'--dim {mcfg.dim} must be divisible by --heads {mcfg.heads}'),
@@ -145,14 +189,32 @@ def check_config(mcfg, cfg, world=1):
         (all(0 <= p < 1 for p in (mcfg.dropout, mcfg.attn_dropout, mcfg.layerdrop)), 'dropouts must be in [0, 1)'),
         (cfg.workers >= 0, f'--workers {cfg.workers} must be ≥ 0'),
     ]
+    if mcfg.modality == 'vision':
+        grid = mcfg.image_size // mcfg.patch_size
+        checks += [
+            (mcfg.image_size % mcfg.patch_size == 0, f'--image-size {mcfg.image_size} must be divisible by --patch-size {mcfg.patch_size}'),
+            (grid >= 2, f'--image-size {mcfg.image_size} / --patch-size {mcfg.patch_size} must give a grid of at least 2 × 2 patches'),
+            (0 < cfg.mask_prob <= 1, f'--mask-prob {cfg.mask_prob}: the fraction of patches masked must be in (0, 1]'),
+            (cfg.mask_length <= min(round(cfg.mask_prob * grid ** 2), (grid - 1) ** 2),
+             f'--mask-length {cfg.mask_length}: a block cannot exceed the {round(cfg.mask_prob * grid ** 2)} masked patches '
+             f'or the {(grid - 1) ** 2} a block may cover on a {grid} × {grid} grid'),
+            (0 < cfg.min_crop_scale <= 1, f'--min-crop-scale {cfg.min_crop_scale} must be in (0, 1]'),
+            (0 <= mcfg.drop_path < 1, f'--drop-path {mcfg.drop_path} must be in [0, 1)'),
+        ]
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
 
 
 def lr_at(step, cfg):
-    """fairseq tri_stage: linear warm-up from lr/100, hold at lr, exponential decay to lr/100, then lr/100."""
+    """tri_stage (fairseq): linear warm-up from lr/100, hold at lr, exponential decay to lr/100, then lr/100.
+    cosine (BEiT cosine_scheduler): linear warm-up from 0, then min_lr + ½(lr − min_lr)(1 + cos(π·progress))."""
     warm, hold = int(cfg.warmup * cfg.steps), int(cfg.hold * cfg.steps)
+    if cfg.schedule == 'cosine':
+        if step < warm:
+            return cfg.lr * step / warm
+        progress = (step - warm) / max(cfg.steps - warm, 1)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
     decay = cfg.steps - warm - hold
     if step < warm:
         return cfg.lr * (0.01 + 0.99 * step / warm)
@@ -165,22 +227,40 @@ def lr_at(step, cfg):
 # -------------------------------------------------------------------------------------------- data
 
 
-def collate(items, crop, mask_prob, mask_length):
-    """(waveform, transcript) items → source (B, S), padding_mask (B, S) or None, mask (B, T) bool."""
-    source, padding_mask = crop_and_pad([w for w, _ in items], crop)
+MIN_SECONDS = 0.25                                                     # shorter speech files are left out: 12 frames
+
+
+def make_dataset(mcfg, cfg):
+    """The embedded synthetic set, or --data."""
+    if mcfg.modality == 'vision':
+        return ImageFolder(cfg.data, min_size=mcfg.image_size) if cfg.data else SyntheticImages(seed=0, image_size=mcfg.image_size)
+    return AudioFolder(cfg.data, min_samples=int(MIN_SECONDS * SR)) if cfg.data else SyntheticSpeech(seed=0)
+
+
+def collate(items, mcfg, cfg):
+    """Items → source, padding_mask or None, mask (B, T) bool; runs on the data-loader workers.
+
+    speech: waveforms cropped to --crop and padded (B, S), span masks. vision: augmented images (B, 3, H, W),
+    block masks (B, N) with round(mask_prob · N) patches each (120 of 196 for ViT-B/16).
+    """
+    if mcfg.modality == 'vision':
+        grid = mcfg.image_size // mcfg.patch_size
+        images = torch.stack([augment(image, mcfg.image_size, cfg.min_crop_scale) for image, _ in items])  # (B, 3, H, W)
+        return images, None, block_mask(len(items), (grid, grid), round(cfg.mask_prob * grid ** 2), cfg.mask_length)
+    source, padding_mask = crop_and_pad([w for w, _ in items], cfg.crop)
     frames = conv_output_length((~padding_mask).sum(1))               # (B,) valid frames
-    mask = span_mask(frames, conv_output_length(source.shape[1]), mask_prob, mask_length)
+    mask = span_mask(frames, conv_output_length(source.shape[1]), cfg.mask_prob, cfg.mask_length)
     return source, (padding_mask if padding_mask.any() else None), mask
 
 
-def batches(dataset, cfg, rank, world, pin):
+def batches(dataset, mcfg, cfg, rank, world, pin):
     """Endless micro-batches of this rank's share of the data, reshuffled every epoch.
 
     Where the dataset knows its lengths, each micro-batch takes utterances of similar length (fairseq
     batches by size), so little is padded and the shared mask count stays near 49% of every row.
     """
     n = cfg.micro_batch_size
-    to_batch = partial(collate, crop=cfg.crop, mask_prob=cfg.mask_prob, mask_length=cfg.mask_length)
+    to_batch = partial(collate, mcfg=mcfg, cfg=cfg)
     for epoch in itertools.count():
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)          # one order per epoch, the same on every rank
         order = torch.randperm(len(dataset), generator=g)[rank::world]            # this rank's share
@@ -189,7 +269,7 @@ def batches(dataset, cfg, rank, world, pin):
             order = torch.cat([w[lengths[w].argsort()] for w in order.split(64 * n)])  # sort within windows of 64 batches
         groups = order[:len(order) // n * n].view(-1, n)                          # (batches, n)
         if len(groups) == 0:
-            raise DataError(f'{len(dataset)} utterances are too few for --micro-batch-size {n} on {world} device(s)')
+            raise DataError(f'{len(dataset)} samples are too few for --micro-batch-size {n} on {world} device(s)')
         groups = groups[torch.randperm(len(groups), generator=g)]
         yield from DataLoader(dataset, batch_sampler=groups.tolist(), collate_fn=to_batch, num_workers=cfg.workers,
                               pin_memory=pin)
@@ -212,9 +292,20 @@ def forward_loss(model, teacher, batch, cfg):
     source, padding_mask, mask = batch
     pred, teacher_input, frame_padding = model(source, padding_mask, mask)        # (B, T, D) each
     y = teacher_targets(teacher, teacher_input, frame_padding, cfg.target_layer, cfg.top_k, cfg.target_norm,
-                        cfg.teacher_context)                                      # (B, T, D) fp32, no grad
-    loss = regression_loss(pred, y, mask, cfg.loss_beta, cfg.loss_scale or None)
+                        cfg.teacher_context, cfg.target_post_norm)                # (B, T, D) fp32, no grad
+    scale = {0: None, -1: 1 / pred.shape[-1]}.get(cfg.loss_scale, cfg.loss_scale)  # None: 1/√D
+    loss = regression_loss(pred, y, mask, cfg.loss_beta, scale)
     return loss, dict(target_var=masked_std(y, mask), pred_var=masked_std(pred.detach().float(), mask))
+
+
+def param_groups(model, modality):
+    """BEiT leaves 1-D parameters (biases, norms, LayerScale γ) and the CLS token out of weight decay; fairseq decays all."""
+    if modality != 'vision':
+        return model.parameters()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim == 1 or name.endswith('cls_token') else decay).append(p)
+    return [dict(params=decay), dict(params=no_decay, weight_decay=0.0)]
 
 
 def unwrap(model):
@@ -269,7 +360,7 @@ def plot_curves(records, path, warmup_steps):
     steps = [r['step'] for r in records]
     panels = [('loss', 'loss'), ('lr', 'learning rate'), ('ema_decay', 'teacher EMA decay τ'),
               ('target_var', 'target std (collapse < 0.1)'), ('pred_var', 'prediction std (collapse < 0.01)'),
-              ('samples_per_s', 'utterances / s')]
+              ('samples_per_s', 'samples / s')]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (key, title) in zip(axes.flat, panels):
         ax.plot(steps, [r[key] for r in records], lw=1.5)
@@ -307,23 +398,22 @@ def main(argv=None):
     if master:
         out.mkdir(parents=True, exist_ok=True)
         (out / 'config.json').write_text(json.dumps(dict(model=asdict(mcfg), train=asdict(cfg)), indent=2))
-    min_seconds = 0.25                                                 # 12 frames; the embedded corpus is 1–4 s
-    dataset = AudioFolder(cfg.data, min_samples=int(min_seconds * SR)) if cfg.data else SyntheticSpeech(seed=0)
+    dataset = make_dataset(mcfg, cfg)
     if master and getattr(dataset, 'skipped', None):
-        print(f'skipped {len(dataset.skipped)} files shorter than {min_seconds} s, e.g. {dataset.skipped[0]}')
-    data = batches(dataset, cfg, rank, world, pin=cuda)
+        print(f'skipped {len(dataset.skipped)} files shorter than {MIN_SECONDS} s, e.g. {dataset.skipped[0]}')
+    data = batches(dataset, mcfg, cfg, rank, world, pin=cuda)
 
     torch.manual_seed(cfg.seed)                                        # the same initial weights on every rank
     model = Data2Vec(mcfg).to(device)
     teacher = make_teacher(model.encoder)
     torch.manual_seed(cfg.seed + rank)                                 # different dropout, crops and masks on every rank
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
+    optimizer = torch.optim.AdamW(param_groups(model, mcfg.modality), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay, **(dict(fused=True) if cuda else dict(foreach=True)))
     if master:
-        print(f'torch {torch.__version__} on {device} × {world}; {len(dataset)} utterances '
-              f'({cfg.data or "embedded synthetic corpus"}); batch {cfg.batch_size} = {cfg.micro_batch_size} × {accum} accumulation × {world}')
+        print(f'torch {torch.__version__} on {device} × {world}; {len(dataset)} {mcfg.modality} samples '
+              f'({cfg.data or "embedded synthetic set"}); batch {cfg.batch_size} = {cfg.micro_batch_size} × {accum} accumulation × {world}')
         print(f'student: {model.num_params() / 1e6:.2f} M parameters + regression head {(model.num_params(True) - model.num_params()) / 1e6:.2f} M; '
-              f'teacher (EMA of the Transformer): {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M')
+              f'teacher (EMA of model.encoder): {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M')
     if cfg.compile:
         model, teacher = torch.compile(model), torch.compile(teacher)
     if ddp:
@@ -331,6 +421,7 @@ def main(argv=None):
 
     records, loss_sum, last_log, last_ckpt, t0, t_start = [], torch.zeros((), device=device), 0, 0, time.time(), time.time()
     warmup_steps = int(cfg.warmup * cfg.steps)
+    guard_from = max(warmup_steps, 10)                # collapse guard: a fresh vision student predicts alike at every masked patch
     log_file = open(out / 'log.jsonl', 'w') if master else None
     pbar = tqdm(range(cfg.steps), disable=not master, desc='pretraining', dynamic_ncols=True)
     for step in pbar:
@@ -354,7 +445,7 @@ def main(argv=None):
                 log_file.write(json.dumps(rec) + '\n')
                 log_file.flush()
                 pbar.set_postfix(loss=f'{rec["loss"]:.3f}', tgt_std=f'{rec["target_var"]:.3f}', pred_std=f'{rec["pred_var"]:.3f}')
-            if done > warmup_steps and (rec['target_var'] < 0.1 or rec['pred_var'] < 0.01):
+            if done > guard_from and (rec['target_var'] < 0.1 or rec['pred_var'] < 0.01):
                 if master:
                     plot_curves(records, out / 'curves.png', warmup_steps)
                 saved = f'{out / "checkpoint.pt"} is from step {last_ckpt}' if last_ckpt else 'no checkpoint was written yet'
@@ -380,4 +471,4 @@ if __name__ == '__main__':
         main()
     except DataError as e:                                             # bad data: one line naming the file, no traceback
         line = str(e).strip().splitlines()[-1]                         # from a loader worker, the message ends with the original
-        sys.exit(f'train.py: error: {line.removeprefix("data.speech.DataError: ")}')
+        sys.exit(f'train.py: error: {line.removeprefix("data.DataError: ")}')

@@ -16,11 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import DataError
+
 SR = 16_000
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file or the flag."""
 
 
 # ---------------------------------------------------------------------------------------------- synthetic corpus

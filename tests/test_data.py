@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.speech import SR, AudioFolder, DataError, SyntheticSpeech, crop_and_pad, read_audio, resample
+from data import DataError
+from data.speech import SR, AudioFolder, SyntheticSpeech, crop_and_pad, read_audio, resample
 
 
 def test_synthetic_corpus_is_deterministic_with_transcripts():

@@ -1,7 +1,8 @@
-"""Speech span masking against the paper's numbers.   pytest tests/test_masking.py"""
+"""Speech span masking and vision block masking against the papers' numbers.   pytest tests/test_masking.py"""
+import pytest
 import torch
 
-from masking import span_mask
+from masking import block_mask, span_mask
 
 
 def test_mask_ratio_is_049_with_equal_counts_per_row():
@@ -50,3 +51,44 @@ def test_rows_of_different_lengths_meet_at_the_mean_fraction_of_the_shortest():
         assert (counts == counts[0]).all() and not (mask & (torch.arange(250) >= lengths[:, None])).any()
         fractions.append(counts[0].item() / 125)
     assert abs(sum(fractions) / len(fractions) - 0.49) < 0.02       # the shortest row is masked as the paper says
+
+
+def components(mask):
+    """Sizes of the 4-connected regions of a 2-D bool array (a flood fill written here, independent of masking.py)."""
+    mask, seen, sizes = mask.tolist(), set(), []
+    h, w = len(mask), len(mask[0])
+    for start in ((i, j) for i in range(h) for j in range(w) if mask[i][j]):
+        if start in seen:
+            continue
+        stack, size = [start], 0
+        seen.add(start)
+        while stack:
+            i, j = stack.pop()
+            size += 1
+            for n in ((i + 1, j), (i - 1, j), (i, j + 1), (i, j - 1)):
+                if 0 <= n[0] < h and 0 <= n[1] < w and mask[n[0]][n[1]] and n not in seen:
+                    seen.add(n)
+                    stack.append(n)
+        sizes.append(size)
+    return sizes
+
+
+@pytest.mark.parametrize('grid, count, min_block', [((14, 14), 120, 16), ((8, 8), 39, 5), ((7, 7), 30, 4)])
+def test_block_mask_has_the_exact_count_and_blocks_of_at_least_min_block(grid, count, min_block):
+    """ViT-B/16 (120 of 196, blocks ≥ 16), the tiny preset's 8 × 8 grid and MNIST's 7 × 7 (28² in 4² patches)."""
+    g = torch.Generator().manual_seed(0)
+    masks = block_mask(300, grid, count, min_block, generator=g)
+    assert masks.dtype == torch.bool and masks.shape == (300, grid[0] * grid[1])
+    assert (masks.sum(1) == count).all()                              # static shapes: the same count in every row
+    for m in masks:
+        assert min(components(m.view(grid))) >= min_block
+    assert len({tuple(m.tolist()) for m in masks}) > 250              # images get their own masks
+    assert masks.float().mean(0).min() > 0.05                         # every position gets masked at times (corners least)
+
+
+def test_block_mask_is_reproducible_with_a_generator():
+    a = block_mask(4, (14, 14), 120, generator=torch.Generator().manual_seed(1))
+    b = block_mask(4, (14, 14), 120, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match='cannot mask 200 of 196'):
+        block_mask(1, (14, 14), 200)

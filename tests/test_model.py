@@ -188,3 +188,145 @@ def test_base_matches_hf_data2vec_audio_base_in_size_and_key_names():
             expected.update({L + f'{norm}.weight': (768,), L + f'{norm}.bias': (768,)})
     hf.pop('regression_head.weight'), hf.pop('regression_head.bias')  # fairseq final_proj: not in HF checkpoints
     assert hf == expected
+
+
+# ------------------------------------------------------------------------------------------- vision (BEiT / data2vec vision v1)
+VISION = ModelConfig(modality='vision', dim=32, layers=3, heads=4, ffn_dim=64, image_size=32, patch_size=8, dropout=0.0,
+                     attn_dropout=0.0, layerdrop=0.0, drop_path=0.0, layer_scale=0.1)
+
+
+def test_relative_position_index_is_symmetric_and_translation_invariant():
+    from encoders import RelativePositionBias
+    h = w = 14
+    rpb = RelativePositionBias((h, w), heads=12)
+    idx = rpb.index
+    assert idx.shape == (197, 197) and rpb.table.shape == (27 * 27 + 3, 12)  # (2·14 − 1)² + 3 = 732 rows
+    patch = idx[1:, 1:]
+    center = (27 * 27) // 2                                             # the row of offset (0, 0)
+    assert (patch.diagonal() == center).all()
+    assert (patch + patch.T == 2 * center).all()                        # offset (dy, dx) and (−dy, −dx) mirror the centre
+    ys, xs = torch.arange(196) // w, torch.arange(196) % w
+    offsets = torch.stack([ys[:, None] - ys[None], xs[:, None] - xs[None]], -1).view(-1, 2).tolist()
+    by_offset = {}
+    for off, i in zip(offsets, patch.flatten().tolist()):
+        by_offset.setdefault(tuple(off), set()).add(i)
+    assert all(len(v) == 1 for v in by_offset.values())                 # one row per offset, wherever the pair sits
+    assert len(by_offset) == len(set(patch.flatten().tolist())) == 729   # and distinct offsets get distinct rows
+    assert set(idx[0, 1:].tolist()) == {729} and set(idx[1:, 0].tolist()) == {730} and idx[0, 0] == 731
+    # BEiT's layout, so released tables load: row (dy + 13)·27 + (dx + 13) for query patch i, key patch j, dy = y_i − y_j
+    assert idx[1, 16] == 12 * 27 + 12 and idx[16, 1] == 14 * 27 + 14 and idx[1, 2] == 13 * 27 + 12   # patches 0, 15, 1
+    torch.nn.init.normal_(rpb.table)
+    bias = rpb()
+    assert bias.shape == (12, 197, 197) and torch.equal(bias[3, 5, 9], rpb.table[idx[5, 9], 3])
+
+
+def test_pre_ln_block_layer_scale_and_taps():
+    from model import PreLNBlock
+    torch.manual_seed(0)
+    block = PreLNBlock(32, 4, 64, layer_scale=0.1).eval()
+    torch.nn.init.normal_(block.gamma_1)
+    torch.nn.init.normal_(block.gamma_2)
+    x, bias = torch.randn(2, 5, 32), torch.randn(4, 5, 5)
+    out, a = block(x, bias, 'attention')
+    assert torch.equal(block(x, bias, 'ffn_residual')[1], out) and torch.equal(block(x, bias, 'block')[1], out)
+    _, f = block(x, bias, 'ffn')
+    # independent recomputation: softmax attention with the bias, LayerScale, pre-LN FFN, two residuals
+    n1 = F.layer_norm(x, (32,), block.norm1.weight, block.norm1.bias, eps=1e-6)
+    q, k, v = (p(n1).view(2, 5, 4, 8).transpose(1, 2) for p in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj))
+    att = ((q @ k.transpose(-1, -2)) / math.sqrt(8) + bias).softmax(-1) @ v
+    a_ref = block.gamma_1 * block.self_attn.out_proj(att.transpose(1, 2).reshape(2, 5, 32))
+    h = x + a_ref
+    f_ref = block.gamma_2 * block.fc2(F.gelu(block.fc1(F.layer_norm(h, (32,), block.norm2.weight, block.norm2.bias, eps=1e-6))))
+    torch.testing.assert_close(a, a_ref)
+    torch.testing.assert_close(f, f_ref)
+    torch.testing.assert_close(out, x + a_ref + f_ref)
+    assert block.self_attn.k_proj.bias is None and block.self_attn.q_proj.bias is not None   # BEiT: no key bias
+    fresh = PreLNBlock(32, 4, 64, layer_scale=1e-4).eval()            # γ = 1e-4 at init: every block starts near the identity
+    assert (fresh(x, bias)[0] - x).abs().max() < 1e-3
+
+
+def test_vision_student_ignores_masked_pixels_and_the_teacher_sees_them():
+    torch.manual_seed(0)
+    model = Data2Vec(VISION).eval()
+    image = torch.rand(2, 3, 32, 32)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, 5] = True                                                   # patch 5 = row 1, column 1 of the 4 × 4 grid
+    changed = image.clone()
+    changed[:, :, 8:16, 8:16] = torch.rand(2, 3, 8, 8)                  # new pixels inside that patch only
+    pred, teacher_input, padding = model(image, None, mask)
+    assert pred.shape == (2, 16, 32) and padding is None and torch.equal(teacher_input, image)
+    torch.testing.assert_close(model(changed, None, mask)[0], pred)     # the student sees the mask token there
+    _, taps = model.encoder(image, tap='block')
+    _, taps2 = model.encoder(changed, tap='block')
+    assert len(taps) == 3 and taps[0].shape == (2, 16, 32)              # one per block, CLS dropped
+    assert not torch.allclose(taps[-1], taps2[-1])                      # the teacher's view is unmasked
+
+
+def test_vision_loss_is_beit_smooth_l1_mean_over_masked_tokens():
+    torch.manual_seed(0)
+    pred, y = torch.randn(2, 16, 32) * 3, torch.randn(2, 16, 32)
+    mask = torch.rand(2, 16) < 0.6
+    loss = regression_loss(pred, y, mask, beta=2.0, scale=1 / 32)
+    torch.testing.assert_close(loss, F.smooth_l1_loss(pred[mask], y[mask], beta=2.0))   # BEiT: mean over tokens × channels
+    other = pred.clone()
+    other[~mask] = 100.0
+    torch.testing.assert_close(regression_loss(other, y, mask, beta=2.0, scale=1 / 32), loss)
+
+
+HF_VISION_KEY_MAP = [                                                   # ours → HF Data2VecVisionModel (reference.md §3.3)
+    (r'^encoder\.(cls_token|mask_token)$', r'embeddings.\1'),
+    (r'^encoder\.patch_embed\.proj\.', 'embeddings.patch_embeddings.projection.'),
+    (r'^encoder\.rel_pos_bias\.table$', 'encoder.relative_position_bias.relative_position_bias_table'),
+    (r'^encoder\.layers\.', 'encoder.layer.'),
+    (r'\.self_attn\.q_proj\.', '.attention.attention.query.'), (r'\.self_attn\.k_proj\.', '.attention.attention.key.'),
+    (r'\.self_attn\.v_proj\.', '.attention.attention.value.'), (r'\.self_attn\.out_proj\.', '.attention.output.dense.'),
+    (r'\.norm1\.', '.layernorm_before.'), (r'\.norm2\.', '.layernorm_after.'),
+    (r'\.fc1\.', '.intermediate.dense.'), (r'\.fc2\.', '.output.dense.'), (r'\.gamma_(\d)$', r'.lambda_\1'),
+    (r'^encoder\.norm\.', 'layernorm.'),
+]
+
+
+def test_vision_base_matches_hf_data2vec_vision_base_in_size_and_key_names():
+    cfg = ModelConfig(modality='vision', dropout=0.0, attn_dropout=0.05, layerdrop=0.0, drop_path=0.2)
+    with torch.device('meta'):
+        model = Data2Vec(cfg)
+    hf = {}
+    for name, p in model.named_parameters():
+        for pattern, repl in HF_VISION_KEY_MAP:
+            name = re.sub(pattern, repl, name)
+        hf[name] = tuple(p.shape)
+    expected = {'embeddings.cls_token': (1, 1, 768), 'embeddings.mask_token': (1, 1, 768),
+                'embeddings.patch_embeddings.projection.weight': (768, 3, 16, 16), 'embeddings.patch_embeddings.projection.bias': (768,),
+                'encoder.relative_position_bias.relative_position_bias_table': (732, 12),
+                'layernorm.weight': (768,), 'layernorm.bias': (768,)}
+    for i in range(12):
+        L = f'encoder.layer.{i}.'
+        for proj in ('attention.attention.query', 'attention.attention.value', 'attention.output.dense'):
+            expected.update({L + proj + '.weight': (768, 768), L + proj + '.bias': (768,)})
+        expected[L + 'attention.attention.key.weight'] = (768, 768)  # no key bias
+        expected.update({L + 'intermediate.dense.weight': (3072, 768), L + 'intermediate.dense.bias': (3072,),
+                         L + 'output.dense.weight': (768, 3072), L + 'output.dense.bias': (768,),
+                         L + 'lambda_1': (768,), L + 'lambda_2': (768,)})
+        for norm in ('layernorm_before', 'layernorm_after'):
+            expected.update({L + f'{norm}.weight': (768,), L + f'{norm}.bias': (768,)})
+    hf.pop('regression_head.weight'), hf.pop('regression_head.bias')   # BEiT lm_head: not converted to HF
+    assert hf == expected
+    hf_base = sum(math.prod(s) for s in expected.values())             # 85,666,128 for HF Data2VecVision-base, shared bias
+    assert model.num_params() == hf_base and abs(hf_base - 85.67e6) / 85.67e6 < 0.001
+
+
+def test_vision_init_and_stochastic_depth_follow_beit():
+    torch.manual_seed(0)
+    cfg = ModelConfig(modality='vision', dim=256, layers=4, heads=4, ffn_dim=1024, image_size=32, patch_size=8, drop_path=0.3,
+                      layer_scale=0.5)
+    vit = Data2Vec(cfg).encoder
+    w = vit.layers[0].fc1.weight
+    assert w.abs().max() <= 0.02 and 0.0103 < w.std() < 0.0113       # N(0, 0.02²) cut at ±0.02: std 0.02 · 0.5396
+    assert 0.0103 < vit.patch_embed.proj.weight.std() < 0.0113 and not vit.patch_embed.proj.bias.any()
+    assert 0.0103 / 2 < vit.layers[1].fc2.weight.std() < 0.0113 / 2  # fix_init_weight: block 2 divided by √(2·2)
+    assert [b.drop_path for b in vit.layers] == pytest.approx([0.0, 0.1, 0.2, 0.3])   # linear from 0
+    image = torch.rand(4, 3, 32, 32)
+    vit.eval()                                                         # the teacher: no stochastic depth, no dropout
+    torch.testing.assert_close(vit(image)[0], vit(image)[0])
+    vit.train()
+    assert not torch.allclose(vit(image)[0], vit(image)[0])            # the student drops whole branches per sample

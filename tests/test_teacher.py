@@ -96,7 +96,7 @@ def test_teacher_gets_no_gradient_and_changes_only_through_ema():
     teacher = make_teacher(model.encoder)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ds = SyntheticSpeech(8)
-    batch = collate([ds[0], ds[1]], cfg.crop, cfg.mask_prob, cfg.mask_length)
+    batch = collate([ds[0], ds[1]], mcfg, cfg)
     t_before = copy.deepcopy(teacher.state_dict())
     train_step(model, teacher, opt, [batch], 0, cfg, nullcontext())
     assert all(p.grad is None for p in teacher.parameters())
@@ -104,3 +104,40 @@ def test_teacher_gets_no_gradient_and_changes_only_through_ema():
     for (name, d), theta in zip(teacher.state_dict().items(), model.encoder.state_dict().values()):
         torch.testing.assert_close(d, tau * t_before[name] + (1 - tau) * theta)
     assert any(not torch.equal(t_before[n], d) for n, d in teacher.state_dict().items())
+
+
+def test_vision_targets_are_layer_normed_top_k_block_outputs_averaged_then_layer_normed():
+    """data2vec vision v1: y = LN((1/K) Σ_{top K} LN(end-of-block output)), all LNs parameter-free, CLS dropped."""
+    from model import Data2Vec, ModelConfig
+    cfg = ModelConfig(modality='vision', dim=32, layers=4, heads=4, ffn_dim=64, image_size=16, patch_size=4, dropout=0.0,
+                      attn_dropout=0.0, layerdrop=0.0, layer_scale=0.5)
+    torch.manual_seed(0)
+    teacher = make_teacher(Data2Vec(cfg).encoder)
+    image = torch.rand(2, 3, 16, 16)
+    y = teacher_targets(teacher, image, None, tap='block', top_k=3, norm='layer', post='layer')
+
+    def ln(a):                                                         # written out: per token, over channels, ε = 1e-5
+        return (a - a.mean(-1, keepdim=True)) / torch.sqrt(a.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    x = torch.cat([teacher.cls_token.expand(2, -1, -1), teacher.patch_embed(image)], 1)   # (2, 1 + 16, 32)
+    outs = []
+    for block in teacher.layers:                                       # run the blocks by hand
+        x = block(x, teacher.rel_pos_bias())[0]
+        outs.append(x[:, 1:])
+    expected = ln(sum(ln(o) for o in outs[-3:]) / 3)
+    assert y.shape == (2, 16, 32) and y.dtype == torch.float32
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(y.mean(-1), torch.zeros(2, 16), atol=1e-5, rtol=0)
+
+
+def test_vision_ema_covers_the_patch_embedding_and_relative_position_bias():
+    from model import Data2Vec, ModelConfig
+    cfg = ModelConfig(modality='vision', dim=16, layers=2, heads=2, ffn_dim=32, image_size=16, patch_size=4)
+    student = Data2Vec(cfg)
+    teacher = make_teacher(student.encoder)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    ema_update_(teacher, student.encoder, 0.9998)
+    for name in ('patch_embed.proj.weight', 'rel_pos_bias.table', 'cls_token', 'layers.1.gamma_2', 'norm.weight'):
+        old = student.encoder.get_parameter(name) - 1.0                # the teacher was a copy of these
+        torch.testing.assert_close(teacher.get_parameter(name) - old, torch.full_like(old, 1 - 0.9998))   # moved (1 − τ) of the way

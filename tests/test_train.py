@@ -1,5 +1,6 @@
 """train.py from the command line: one step, its outputs, and clear errors.   pytest tests/test_train.py"""
 import json
+import math
 import subprocess
 import sys
 
@@ -73,12 +74,82 @@ def test_ranks_share_out_each_epoch_without_overlap():
         def __getitem__(self, i):
             return np.full(16000, float(i), np.float32), ''
 
-    _, cfg = parse_args(['--micro-batch-size', '2', '--batch-size', '4', '--workers', '0'])
+    mcfg, cfg = parse_args(['--micro-batch-size', '2', '--batch-size', '4', '--workers', '0'])
     seen = {}
     for rank in (0, 1):
-        it = batches(Numbered(), cfg, rank, 2, pin=False)
+        it = batches(Numbered(), mcfg, cfg, rank, 2, pin=False)
         ids = [next(it)[0][:, 0].long().tolist() for _ in range(10)]  # 5 micro-batches per rank and epoch
         seen[rank] = [set(sum(ids[:5], [])), set(sum(ids[5:], []))]
     for epoch in (0, 1):
         assert len(seen[0][epoch]) == len(seen[1][epoch]) == 10 and not seen[0][epoch] & seen[1][epoch]
     assert seen[0][0] != seen[0][1]                                   # reshuffled
+
+
+VISION_SMALL = ['--modality', 'vision', '--dim', '32', '--layers', '2', '--heads', '2', '--ffn-dim', '64', '--top-k', '2',
+                '--batch-size', '4', '--micro-batch-size', '2', '--workers', '0']
+
+
+def test_one_vision_step_from_the_command_line(tmp_path):
+    r = run('--steps', '2', '--log-every', '1', '--out', str(tmp_path), *VISION_SMALL)
+    assert r.returncode == 0, r.stderr
+    for name in ('config.json', 'log.jsonl', 'checkpoint.pt', 'curves.png'):
+        assert (tmp_path / name).stat().st_size > 0, name
+    config = json.loads((tmp_path / 'config.json').read_text())
+    assert config['model']['modality'] == 'vision' and config['train']['target_layer'] == 'block'   # the vision preset
+    assert config['train']['loss_beta'] == 2.0 and config['train']['target_post_norm'] == 'layer'
+    ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
+    assert {'patch_embed.proj.weight', 'rel_pos_bias.table', 'cls_token'} <= set(ckpt['teacher'])   # the EMA covers it all
+    records = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in records] == [1, 2] and all(math.isfinite(r['loss']) for r in records)
+
+
+@pytest.mark.parametrize('modality, args, words', [
+    ('vision', ['--image-size', '30', '--patch-size', '4'], '--image-size 30 must be divisible by --patch-size 4'),
+    ('vision', ['--mask-length', '60'], '--mask-length 60'), ('vision', ['--schedule', 'linear'], '--schedule linear'),
+    ('vision', ['--teacher-context', '3'], '--teacher-context is for --modality speech'),
+    ('vision', ['--crop', '32000'], '--crop is for --modality speech'),
+    ('speech', ['--image-size', '64'], '--image-size is for --modality vision')])
+def test_bad_vision_flags_fail_with_the_flag_name(modality, args, words):
+    r = run('--modality', modality, *args)
+    assert r.returncode == 2 and words in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_vision_base_preset_is_the_papers():
+    from train import parse_args
+    mcfg, cfg = parse_args(['--modality', 'vision', '--preset', 'base'])
+    assert (mcfg.dim, mcfg.layers, mcfg.heads, mcfg.ffn_dim, mcfg.image_size, mcfg.patch_size) == (768, 12, 12, 3072, 224, 16)
+    assert (mcfg.drop_path, mcfg.attn_dropout, mcfg.dropout, mcfg.layer_scale) == (0.2, 0.05, 0.0, 1e-4)
+    assert (cfg.top_k, cfg.target_layer, cfg.target_norm, cfg.target_post_norm, cfg.loss_beta, cfg.loss_scale) == (6, 'block', 'layer', 'layer', 2.0, -1)
+    assert cfg.ema_start == cfg.ema_end == 0.9998 and round(cfg.mask_prob * 196) == 120 and cfg.mask_length == 16
+    assert (cfg.schedule, cfg.lr, cfg.weight_decay, cfg.adam_beta2, cfg.adam_eps, cfg.clip) == ('cosine', 2e-3, 0.05, 0.999, 1e-8, 3.0)
+    assert cfg.steps == 800 * 625 and cfg.warmup * 800 == 40 and (cfg.batch_size, cfg.micro_batch_size) == (2048, 128)
+    assert parse_args(['--modality', 'vision', '--warmup', '0.2'])[1].warmup == 0.2   # cosine has no --hold to add up with
+
+
+def test_cosine_schedule_and_vision_weight_decay_groups():
+    from model import Data2Vec, ModelConfig
+    from train import TrainConfig, lr_at, param_groups
+    cfg = TrainConfig(schedule='cosine', lr=1.0, min_lr=0.0, warmup=0.1, steps=100)
+    assert lr_at(0, cfg) == 0 and lr_at(5, cfg) == pytest.approx(0.5) and lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.5) and lr_at(100, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(10 + 15, cfg) == pytest.approx(0.5 * (1 + math.cos(math.pi / 6)))   # a sixth of the way down
+    model = Data2Vec(ModelConfig(modality='vision', dim=16, layers=1, heads=2, ffn_dim=32, image_size=16, patch_size=4))
+    decay, no_decay = param_groups(model, 'vision')
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert no_decay['weight_decay'] == 0 and 'weight_decay' not in decay
+    assert {names[id(p)] for p in no_decay['params']} == {n for n, p in model.named_parameters() if p.ndim == 1} | {'encoder.cls_token'}
+    assert 'encoder.mask_token' in {names[id(p)] for p in decay['params']}        # (1, 1, D): BEiT decays it
+
+
+def test_a_truncated_image_found_by_a_loader_worker_fails_in_one_line(tmp_path):
+    import numpy as np
+    from PIL import Image
+    for i in range(5):
+        (tmp_path / 'data' / 'c').mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / 'data' / 'c' / f'{i}.png')
+    cut = tmp_path / 'data' / 'c' / '3.png'
+    cut.write_bytes(cut.read_bytes()[:600])                           # the header survives, the pixels do not
+    r = run('--data', str(tmp_path / 'data'), '--out', str(tmp_path / 'out'), '--steps', '1', *VISION_SMALL,
+            '--batch-size', '5', '--micro-batch-size', '5', '--workers', '1')
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith('train.py: error: ') and '3.png: cannot decode image' in r.stderr
