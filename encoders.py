@@ -14,7 +14,12 @@ For images it is BEiT's (data2vec vision v1, facebookresearch/data2vec_vision/be
         [student only: masked patches → mask token; CLS token prepended; model.VisionTransformer]
     positions: no absolute embedding, one relative position bias shared by all blocks, added to the logits
 
-Legend: B batch, S waveform samples, T frames, C conv channels, D model width, N patches, H heads.
+For text it is RoBERTa's (data2vec text v1, fairseq TransformerEncoder with learned positions):
+
+    token ids (B, T) ─ token embedding + learned position embedding (offset pad + 1) ─ LayerNorm ─→ (B, T, D)
+    no √D embedding scaling; shared by student and teacher, so the teacher's EMA covers the blocks only
+
+Legend: B batch, S waveform samples, T frames or tokens, C conv channels, D model width, N patches, H heads.
 Parameter names follow fairseq/HF closely enough that a plain key map loads released weights (README).
 """
 import torch
@@ -168,3 +173,23 @@ class RelativePositionBias(nn.Module):
 
     def forward(self):
         return rearrange(self.table[self.index], 'i j h -> h i j')  # (H, N + 1, N + 1)
+
+
+class TextEmbedding(nn.Module):
+    """RoBERTa embeddings: x_t = LN(E[token_t] + P[pos_t]), with no √D scaling (fairseq no_scale_embedding).
+
+    Positions count from pad + 1, as fairseq/RoBERTa's LearnedPositionalEmbedding (padding positions
+    read row `pad`): 512 tokens need 512 + pad + 1 = 514 rows. tokens: (B, T) int64 → (B, T, D).
+    """
+
+    def __init__(self, vocab_size, dim=768, max_tokens=512, pad=1):
+        super().__init__()
+        self.pad = pad
+        self.tokens = nn.Embedding(vocab_size, dim, padding_idx=pad)
+        self.positions = nn.Embedding(max_tokens + pad + 1, dim, padding_idx=pad)
+        self.layer_norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens):
+        real = tokens != self.pad                                  # (B, T)
+        positions = torch.cumsum(real, dim=1) * real + self.pad     # pad + 1, pad + 2, … on real tokens; pad on padding
+        return self.layer_norm(self.tokens(tokens) + self.positions(positions))   # (B, T, D)

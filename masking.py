@@ -7,6 +7,7 @@ Speech uses wav2vec 2.0 span masking with the semantics of fairseq `compute_mask
 (mask_selection static, no_mask_overlap False, require_same_masks True, min_masks 1).
 Vision uses BEiT's block-wise masking on the patch grid (data2vec vision v1: 120 of 196 patches).
 Both give every row of a batch the same masked count, so shapes stay static for torch.compile.
+Text uses BERT masking or its wav2vec-style span variant (fairseq MaskTokensDataset), on token ids.
 
     python masking.py        # saves masks.png (span masks and block masks) and prints the masked fractions
 """
@@ -97,6 +98,38 @@ def block_mask(batch, grid, count, min_block=16, min_aspect=0.3, attempts=10, ge
                 free = np.flatnonzero((touching if m.any() else np.ones_like(m)) & ~m)
                 m.flat[rng.choice(free)] = True
     return torch.from_numpy(masks.reshape(batch, h * w))
+
+
+def token_mask(tokens, mask_id, ordinary, prob=0.15, span=1, random_prob=0.1, leave_prob=0.1, generator=None):
+    """Text masking (fairseq MaskTokensDataset) → (corrupted tokens (B, T), mask (B, T) bool).
+
+    Each row with n ordinary tokens gets int(prob·n/span + u), u ~ U[0, 1), span starts drawn without
+    replacement among its ordinary tokens; a span covers the `span` positions from its start, minus any
+    special or padding token (those are never chosen). Of the chosen positions, a fraction random_prob
+    becomes a random ordinary token, leave_prob stays unchanged and the rest becomes <mask>.
+        BERT (paper):         prob 0.15, span 1, random 0.1, leave 0.1  →  15% chosen: 80/10/10
+        span (fairseq config): prob 0.35, span 4, random 0,   leave 0    →  ≈ 1 − (1 − 0.0875)⁴ ≈ 31% masked
+    `mask` marks the positions replaced by <mask>, the only ones the loss counts (fairseq data2vec_text,
+    issue #4229): randomised and unchanged positions are not predicted. tokens: (B, T) int64;
+    ordinary: (lo, hi), the ids of ordinary (non-special) tokens, which also bound the random tokens.
+    """
+    lo, hi = ordinary
+    is_ordinary = (tokens >= lo) & (tokens < hi) & (tokens != mask_id)                      # (B, T)
+    chosen = torch.zeros_like(is_ordinary)
+    for b in range(len(tokens)):
+        where = is_ordinary[b].nonzero()[:, 0]                                             # (n,) ordinary positions
+        num = int(prob * len(where) / span + torch.rand((), generator=generator).item())
+        starts = where[torch.randperm(len(where), generator=generator)[:num]]
+        idx = (starts[:, None] + torch.arange(span)).flatten().clamp(max=tokens.shape[1] - 1)
+        chosen[b, idx] = True
+    chosen &= is_ordinary
+    u = torch.rand(tokens.shape, generator=generator)
+    randomised = chosen & (u < random_prob)
+    kept = chosen & (u >= random_prob) & (u < random_prob + leave_prob)
+    mask = chosen & ~randomised & ~kept
+    source = torch.where(mask, mask_id, tokens)
+    source = torch.where(randomised, torch.randint(lo, hi, tokens.shape, generator=generator), source)
+    return source, mask
 
 
 if __name__ == '__main__':

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from encoders import ConvPositionalEncoder, PatchEmbed, RelativePositionBias, SpeechFeatureEncoder
+from encoders import ConvPositionalEncoder, PatchEmbed, RelativePositionBias, SpeechFeatureEncoder, TextEmbedding
 
 TAPS = ('attention', 'ffn', 'ffn_residual', 'block')  # which tensor of a block the teacher's targets use
 
@@ -27,7 +27,7 @@ TAPS = ('attention', 'ffn', 'ffn_residual', 'block')  # which tensor of a block 
 @dataclass
 class ModelConfig:
     """Architecture. Defaults are data2vec Base for speech (fairseq base_librispeech.yaml); train.PRESETS has vision's."""
-    modality: str = field(default='speech', metadata=dict(help='speech | vision (text comes in a later issue)'))
+    modality: str = field(default='speech', metadata=dict(help='speech | vision | text'))
     dim: int = 768               # D
     layers: int = 12             # L
     heads: int = 12
@@ -43,6 +43,8 @@ class ModelConfig:
     patch_size: int = 16         # vision: P; N = (image_size / P)² patches
     layer_scale: float = 1e-4    # vision: LayerScale γ init (BEiT layer_scale_init_value)
     drop_path: float = 0.0       # vision: stochastic depth of the last block, rising linearly from 0 (paper: 0.2)
+    vocab_size: int = 50_000     # text: BPE vocabulary (set from the tokenizer)
+    max_tokens: int = 512        # text: rows of the learned position table, minus RoBERTa's pad + 1 offset
 
 
 def attention_mask(padding_mask, T, window=0, device=None):
@@ -120,9 +122,9 @@ class Transformer(nn.Module):
     forward(x, padding_mask, tap, window) → (output (B, T, D), [tap of every block]).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, input_norm=True):
         super().__init__()
-        self.layer_norm = nn.LayerNorm(cfg.dim)
+        self.layer_norm = nn.LayerNorm(cfg.dim) if input_norm else nn.Identity()   # text: the embedding's LN instead
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.dropout, cfg.attn_dropout)
                                     for _ in range(cfg.layers))
@@ -146,10 +148,13 @@ class Transformer(nn.Module):
 
 
 def init_bert_params(module):
-    """fairseq init_bert_params: Linear weights ~ N(0, 0.02), biases 0."""
-    if isinstance(module, nn.Linear):
+    """fairseq init_bert_params: Linear and Embedding weights ~ N(0, 0.02), biases and the padding row 0."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear):
         nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        nn.init.zeros_(module.weight[module.padding_idx])
 
 
 def drop_path(x, p, training):
@@ -267,11 +272,17 @@ class Data2Vec(nn.Module):
             self.encoder = Transformer(cfg)
         elif cfg.modality == 'vision':
             self.encoder = VisionTransformer(cfg)                             # holds the mask token
+        elif cfg.modality == 'text':
+            self.embed = TextEmbedding(cfg.vocab_size, cfg.dim, cfg.max_tokens)
+            self.embed.apply(init_bert_params)
+            self.encoder = Transformer(cfg, input_norm=False)                # blocks only: the EMA skips the embeddings
         else:
-            raise ValueError(f"modality {cfg.modality!r} is not implemented yet (speech, vision)")
+            raise ValueError(f"unknown modality {cfg.modality!r} (speech, vision, text)")
         self.regression_head = nn.Linear(cfg.dim, cfg.dim)   # fairseq final_proj, BEiT lm_head: one Linear (issue #4199)
         if cfg.modality == 'vision':
             init_vit_params(self.regression_head)
+        if cfg.modality == 'text':                            # fairseq data2vec_text head_layers 2: D → 2D → GELU → D
+            self.regression_head = nn.Sequential(nn.Linear(cfg.dim, 2 * cfg.dim), nn.GELU(), nn.Linear(2 * cfg.dim, cfg.dim))
 
     def encode(self, x, padding_mask=None, mask=None):
         """Features x (B, T, D) → student output (B, T, D); masked steps see the mask embedding."""
@@ -280,15 +291,23 @@ class Data2Vec(nn.Module):
         x, _ = self.encoder(self.pos_encoder(x, padding_mask), padding_mask)
         return x
 
-    def forward(self, source, padding_mask=None, mask=None):
+    def forward(self, source, padding_mask=None, mask=None, original=None):
         """source (B, S), padding_mask (B, S), mask (B, T) → pred (B, T, D), teacher_input (B, T, D), frame padding (B, T).
         vision: source (B, 3, H, W), no padding, mask (B, N) → pred (B, N, D), teacher_input = source, None.
+        text: source = masked token ids (B, T), original = the uncorrupted ids (B, T) → pred (B, T, D), teacher_input
+              = the shared embedding of the original tokens (the paper; fairseq feeds the teacher masked tokens only,
+              issue #4881), padding (B, T) or None. The mask is already in the ids (masking.token_mask).
 
         The head runs on every step (cheap, and shapes stay static); the loss keeps the masked ones.
         """
         if self.cfg.modality == 'vision':
             x, _ = self.encoder(source, mask=mask)                            # (B, N, D)
             return self.regression_head(x), source, None
+        if self.cfg.modality == 'text':
+            with torch.no_grad():
+                teacher_input = self.embed(original)                          # (B, T, D)
+            x, _ = self.encoder(self.embed(source), padding_mask)             # (B, T, D)
+            return self.regression_head(x), teacher_input, padding_mask
         x, frame_padding = self.feature_encoder(source, padding_mask)         # (B, T, D)
         with torch.no_grad():                                                 # the teacher's view: unmasked, no gradient
             teacher_input = self.pos_encoder(x, frame_padding)

@@ -1,9 +1,7 @@
 """data2vec pretraining, one flat script (read top to bottom, like nanoGPT's train.py).
 
-    python train.py --modality speech                                   # tiny preset, CPU, embedded data, ≤ 5 min
-    python train.py --modality vision                                   # the same for images
+    python train.py --modality speech                     # or vision, text: tiny preset, CPU, embedded data, ≤ 5 min
     torchrun --nproc_per_node 8 train.py --modality speech --preset base --data /path/to/LibriSpeech --compile
-    torchrun --nproc_per_node 8 train.py --modality vision --preset base --data /path/to/imagenet/train --compile
 
 Sections: config → data → the data2vec step → checkpoint and curves → main (device/DDP, models, loop).
 Outputs in --out: config.json, log.jsonl, checkpoint.pt, curves.png.
@@ -28,9 +26,11 @@ from tqdm import tqdm
 
 from data import DataError
 from data.speech import SR, AudioFolder, SyntheticSpeech, crop_and_pad
+from data.text import (SPECIALS, SyntheticText, TokenBlocks, load_tokenizer, ordinary_ids, pack_blocks, read_corpus,
+                       tokenizer_cache_path, train_tokenizer)
 from data.vision import ImageFolder, SyntheticImages, augment
 from encoders import conv_output_length
-from masking import block_mask, span_mask
+from masking import block_mask, span_mask, token_mask
 from model import TAPS, Data2Vec, ModelConfig, regression_loss
 from teacher import ema_decay_at, ema_update_, make_teacher, teacher_targets
 
@@ -46,7 +46,9 @@ class TrainConfig:
     """Everything but the architecture. Defaults are data2vec Base for speech (paper + fairseq base_librispeech.yaml)."""
     preset: str = knob('tiny', "tiny: CPU, embedded data, ≤ 5 min | base | large: the paper's models")
     data: str = knob('', 'speech: folder of .wav/.flac (LibriSpeech layout); vision: ImageFolder tree (<class>/<image>.png|jpg); '
-                         'empty: the embedded synthetic set')
+                         'text: a .txt file or folder (a document per paragraph); empty: the embedded synthetic set')
+    encoding: str = knob('utf-8', 'text: the encoding of --data files')
+    tokenizer: str = knob('', 'text: a folder with a GPT-2/RoBERTa vocab.json + merges.txt; empty: train a BPE on the corpus')
     out: str = knob('', 'output folder (default runs/<modality>)')
     device: str = knob('auto', 'auto | cpu | cuda')
     compile: bool = knob(False, 'torch.compile the student and the teacher')
@@ -64,6 +66,9 @@ class TrainConfig:
                                   '(Table 8); vision: the fraction of patches masked')
     mask_length: int = knob(10, 'speech: frames per masked span (Table 8); vision: fewest patches per masked block')
     min_crop_scale: float = knob(0.08, 'vision: random resized crops cover this fraction of the image or more')
+    text_mask: str = knob('bert', 'text: bert (15%: 80% <mask>, 10% random, 10% kept; the paper) | span (0.35 × 4 tokens, all '
+                                  '<mask>; the fairseq config). Sets --mask-prob/--mask-length unless given')
+    block_size: int = knob(512, 'text: tokens per training sequence, <s> and </s> included')
     # teacher EMA: τ goes linearly τ0 → τe over τn updates, then stays
     ema_start: float = knob(0.999, 'τ0')
     ema_end: float = knob(0.9999, 'τe')
@@ -96,6 +101,12 @@ VISION_BASE = dict(dropout=0.0, attn_dropout=0.05, layerdrop=0.0, drop_path=0.2,
                    warmup=0.05, steps=500_000, batch_size=2048, micro_batch_size=128, workers=10, log_every=500,
                    ckpt_every=10_000)  # 800 epochs of ImageNet-1k at 2048 = 625 updates each, 40 of them warm-up
 
+# data2vec text v1 (paper; fairseq config text/pretraining/base.yaml where the paper is silent, README Deviations)
+TEXT_BASE = dict(vocab_size=50_000, layerdrop=0.0, top_k=10, target_layer='ffn', target_norm='layer', loss_beta=4.0, loss_scale=1.0,
+                 text_mask='bert', mask_prob=0.15, mask_length=1, ema_anneal_steps=100_000, lr=2e-4, warmup=0.05, hold=0.8,
+                 clip=5.0, steps=1_000_000, batch_size=256, micro_batch_size=16, block_size=512, workers=2, log_every=500,
+                 ckpt_every=25_000)   # 256 blocks of 512 tokens per update; Adam (0.9, 0.98), ε 1e-6, wd 0.01 as speech
+
 PRESETS = {
     'speech': {
         # tiny: ~1 M parameters, ≤ 5 min on 2 CPU cores. 1 s crops of the 1–4 s corpus need no padding, so every row is masked ≈ 49%.
@@ -113,11 +124,20 @@ PRESETS = {
         'base': VISION_BASE,                                           # ViT-B/16
         'large': dict(VISION_BASE, dim=1024, layers=24, heads=16, ffn_dim=4096),  # ViT-L/16
     },
+    'text': {
+        # tiny: a 1,500-token BPE on the embedded grammar corpus, blocks of 64 tokens, ≤ 5 min on 2 CPU cores
+        'tiny': dict(TEXT_BASE, vocab_size=1500, max_tokens=64, block_size=64, dim=128, layers=4, heads=4, ffn_dim=512, top_k=3,
+                     ema_anneal_steps=300, lr=1e-3, warmup=0.1, hold=0.4, steps=300, batch_size=32, micro_batch_size=32,
+                     workers=0, log_every=10, ckpt_every=100),
+        'base': TEXT_BASE,                                             # RoBERTa-base
+        'large': dict(TEXT_BASE, dim=1024, layers=24, heads=16, ffn_dim=4096),
+    },
 }
 
 
 ONLY = {'speech': ('crop', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'layerdrop', 'teacher_context'),
-        'vision': ('image_size', 'patch_size', 'layer_scale', 'drop_path', 'min_crop_scale')}   # flags of one modality
+        'vision': ('image_size', 'patch_size', 'layer_scale', 'drop_path', 'min_crop_scale'),
+        'text': ('encoding', 'tokenizer', 'text_mask', 'block_size', 'vocab_size', 'max_tokens', 'layerdrop', 'teacher_context')}
 
 
 def parse_args(argv=None):
@@ -145,6 +165,8 @@ def parse_args(argv=None):
         for name in set(names) & set(args) - set(ONLY[modality]):
             p.error(f'--{name.replace("_", "-")} is for --modality {other}; it does nothing for {modality}')
     values = {**presets[preset], **args}
+    if values.get('text_mask') == 'span':                              # fairseq's config: 0.35, spans of 4
+        values.update(mask_prob=args.get('mask_prob', 0.35), mask_length=args.get('mask_length', 4))
     mcfg = ModelConfig(**{k: v for k, v in values.items() if k in ModelConfig.__dataclass_fields__})
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__})
     cfg.out = cfg.out or f'runs/{mcfg.modality}'
@@ -189,6 +211,13 @@ def check_config(mcfg, cfg, world=1):
         (all(0 <= p < 1 for p in (mcfg.dropout, mcfg.attn_dropout, mcfg.layerdrop)), 'dropouts must be in [0, 1)'),
         (cfg.workers >= 0, f'--workers {cfg.workers} must be ≥ 0'),
     ]
+    if mcfg.modality == 'text':
+        checks += [
+            (3 <= cfg.block_size <= mcfg.max_tokens, f'--block-size {cfg.block_size} must be in [3, --max-tokens {mcfg.max_tokens}]'),
+            (cfg.text_mask in ('bert', 'span'), f'--text-mask {cfg.text_mask}: choose bert or span'),
+            (mcfg.vocab_size >= 256 + len(SPECIALS), f'--vocab-size {mcfg.vocab_size} must be ≥ {256 + len(SPECIALS)}: 256 bytes + specials'),
+            (cfg.mask_length >= 1, f'--mask-length {cfg.mask_length} must be ≥ 1'),
+        ]
     if mcfg.modality == 'vision':
         grid = mcfg.image_size // mcfg.patch_size
         checks += [
@@ -231,18 +260,29 @@ MIN_SECONDS = 0.25                                                     # shorter
 
 
 def make_dataset(mcfg, cfg):
-    """The embedded synthetic set, or --data."""
+    """The embedded synthetic set, or --data. Text: also the tokenizer, which sets mcfg.vocab_size."""
+    if mcfg.modality == 'text':
+        documents = read_corpus(cfg.data, cfg.encoding) if cfg.data else SyntheticText(seed=0).documents()
+        tokenizer = (load_tokenizer(Path(cfg.tokenizer) / 'vocab.json', Path(cfg.tokenizer) / 'merges.txt') if cfg.tokenizer else
+                     train_tokenizer(documents, mcfg.vocab_size, cfg.data and tokenizer_cache_path(cfg.data, mcfg.vocab_size)))
+        mcfg.vocab_size = tokenizer.get_vocab_size()
+        dataset = TokenBlocks(pack_blocks(documents, tokenizer, cfg.block_size))
+        dataset.mask_id, dataset.ordinary = tokenizer.token_to_id('<mask>'), ordinary_ids(tokenizer)   # for collate
+        return dataset
     if mcfg.modality == 'vision':
         return ImageFolder(cfg.data, min_size=mcfg.image_size) if cfg.data else SyntheticImages(seed=0, image_size=mcfg.image_size)
     return AudioFolder(cfg.data, min_samples=int(MIN_SECONDS * SR)) if cfg.data else SyntheticSpeech(seed=0)
 
 
-def collate(items, mcfg, cfg):
-    """Items → source, padding_mask or None, mask (B, T) bool; runs on the data-loader workers.
-
-    speech: waveforms cropped to --crop and padded (B, S), span masks. vision: augmented images (B, 3, H, W),
-    block masks (B, N) with round(mask_prob · N) patches each (120 of 196 for ViT-B/16).
-    """
+def collate(items, mcfg, cfg, mask_id=None, ordinary=None):
+    """Items → source, padding_mask or None, mask (B, T) bool[, original], on the data-loader workers. speech: crops
+    padded to (B, S), span masks. vision: augmented images (B, 3, H, W), block masks (B, N) of round(mask_prob · N)
+    patches. text: masked blocks (B, T), the <mask> positions, and the original blocks for the teacher."""
+    if mcfg.modality == 'text':
+        original = torch.stack([block for block, _ in items])                   # (B, T)
+        corrupt = (0.1, 0.1) if cfg.text_mask == 'bert' else (0.0, 0.0)          # random, kept
+        source, mask = token_mask(original, mask_id, ordinary, cfg.mask_prob, cfg.mask_length, *corrupt)
+        return source, None, mask, original
     if mcfg.modality == 'vision':
         grid = mcfg.image_size // mcfg.patch_size
         images = torch.stack([augment(image, mcfg.image_size, cfg.min_crop_scale) for image, _ in items])  # (B, 3, H, W)
@@ -260,7 +300,8 @@ def batches(dataset, mcfg, cfg, rank, world, pin):
     batches by size), so little is padded and the shared mask count stays near 49% of every row.
     """
     n = cfg.micro_batch_size
-    to_batch = partial(collate, mcfg=mcfg, cfg=cfg)
+    to_batch = partial(collate, mcfg=mcfg, cfg=cfg, mask_id=getattr(dataset, 'mask_id', None),
+                       ordinary=getattr(dataset, 'ordinary', None))
     for epoch in itertools.count():
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)          # one order per epoch, the same on every rank
         order = torch.randperm(len(dataset), generator=g)[rank::world]            # this rank's share
@@ -289,8 +330,8 @@ def masked_std(x, mask):
 def forward_loss(model, teacher, batch, cfg):
     """The data2vec objective on one micro-batch: the student, fed the masked input, regresses at the
     masked steps the teacher's average of its top-K normalised blocks for the unmasked input."""
-    source, padding_mask, mask = batch
-    pred, teacher_input, frame_padding = model(source, padding_mask, mask)        # (B, T, D) each
+    source, padding_mask, mask, *original = batch                                # text: + the uncorrupted tokens
+    pred, teacher_input, frame_padding = model(source, padding_mask, mask, *original)   # (B, T, D) each
     y = teacher_targets(teacher, teacher_input, frame_padding, cfg.target_layer, cfg.top_k, cfg.target_norm,
                         cfg.teacher_context, cfg.target_post_norm)                # (B, T, D) fp32, no grad
     scale = {0: None, -1: 1 / pred.shape[-1]}.get(cfg.loss_scale, cfg.loss_scale)  # None: 1/√D
@@ -395,10 +436,10 @@ def main(argv=None):
     accum = cfg.batch_size // (cfg.micro_batch_size * world)           # the global batch does not depend on the GPU count
 
     out = Path(cfg.out)
+    dataset = make_dataset(mcfg, cfg)                                  # first: a text tokenizer sets the vocabulary size
     if master:
         out.mkdir(parents=True, exist_ok=True)
         (out / 'config.json').write_text(json.dumps(dict(model=asdict(mcfg), train=asdict(cfg)), indent=2))
-    dataset = make_dataset(mcfg, cfg)
     if master and getattr(dataset, 'skipped', None):
         print(f'skipped {len(dataset.skipped)} files shorter than {MIN_SECONDS} s, e.g. {dataset.skipped[0]}')
     data = batches(dataset, mcfg, cfg, rank, world, pin=cuda)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from masking import block_mask, span_mask
+from masking import block_mask, span_mask, token_mask
 
 
 def test_mask_ratio_is_049_with_equal_counts_per_row():
@@ -92,3 +92,31 @@ def test_block_mask_is_reproducible_with_a_generator():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match='cannot mask 200 of 196'):
         block_mask(1, (14, 14), 200)
+
+
+def test_bert_masking_chooses_15_percent_split_80_10_10_and_never_specials():
+    tokens = torch.randint(5, 50_000, (400, 128), generator=torch.Generator().manual_seed(0))   # ids 0–4: specials
+    tokens[:, 0], tokens[:, -1], tokens[:40, 100:-1] = 0, 2, 1       # <s> … </s>, and padding in some rows
+    ordinary, mask_id = tokens >= 5, 4
+    # Unchanged tokens cannot be seen in the output, so draw twice with the same seed: once with everything
+    # chosen becoming <mask> (this shows the chosen set), once with the 80/10/10 split of the same choice.
+    _, chosen = token_mask(tokens, mask_id, (5, 50_000), 0.15, 1, 0.0, 0.0, generator=torch.Generator().manual_seed(1))
+    source, mask = token_mask(tokens, mask_id, (5, 50_000), 0.15, 1, 0.1, 0.1, generator=torch.Generator().manual_seed(1))
+    assert not chosen[~ordinary].any() and (source[~ordinary] == tokens[~ordinary]).all()   # specials and pad untouched
+    assert abs(chosen.sum() / ordinary.sum() - 0.15) < 0.01
+    randomised = chosen & ~mask & (source != tokens)
+    kept = chosen & ~mask & (source == tokens)
+    assert (mask <= chosen).all() and (source[mask] == mask_id).all() and not (source != tokens)[~chosen].any()
+    n = chosen.sum()
+    assert abs(mask.sum() / n - 0.8) < 0.02 and abs(randomised.sum() / n - 0.1) < 0.02 and abs(kept.sum() / n - 0.1) < 0.02
+    assert ((source[randomised] >= 5) & (source[randomised] < 50_000)).all()
+
+
+def test_text_span_masking_covers_31_percent():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(5, 1000, (200, 512), generator=g)
+    tokens[:, 0], tokens[:, -1] = 0, 2
+    source, mask = token_mask(tokens, 4, (5, 1000), 0.35, 4, 0.0, 0.0, generator=g)
+    expected = 1 - (1 - 0.35 / 4) ** 4                              # 0.306: starts with p = 0.0875, 4 tokens each
+    assert abs(mask.float().mean().item() - expected) < 0.02
+    assert torch.equal(source != tokens, mask) and not mask[:, [0, -1]].any()

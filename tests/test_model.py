@@ -330,3 +330,41 @@ def test_vision_init_and_stochastic_depth_follow_beit():
     torch.testing.assert_close(vit(image)[0], vit(image)[0])
     vit.train()
     assert not torch.allclose(vit(image)[0], vit(image)[0])            # the student drops whole branches per sample
+
+
+def test_text_embedding_positions_start_after_pad_and_roberta_base_size():
+    from encoders import TextEmbedding
+    torch.manual_seed(0)
+    emb = TextEmbedding(vocab_size=100, dim=8, max_tokens=6, pad=1)
+    assert emb.positions.weight.shape == (6 + 2, 8)                   # RoBERTa: 512 tokens → 514 rows
+    tokens = torch.tensor([[0, 7, 9, 2, 1, 1], [0, 5, 6, 7, 8, 2]])   # <s> … </s> <pad> <pad>
+    x = emb(tokens)
+    by_hand = F.layer_norm(emb.tokens.weight[tokens] + emb.positions.weight[torch.tensor([[2, 3, 4, 5, 1, 1], [2, 3, 4, 5, 6, 7]])],
+                           (8,), emb.layer_norm.weight, emb.layer_norm.bias)
+    torch.testing.assert_close(x, by_hand)
+    with torch.device('meta'):
+        base = TextEmbedding(50_265, 768, 512)
+    hf = 50_265 * 768 + 514 * 768 + 1 * 768 + 2 * 768                # HF Data2VecText embeddings (+ one token-type row)
+    assert abs(sum(p.numel() for p in base.parameters()) - hf) / hf < 0.001
+
+
+def test_text_base_matches_hf_data2vec_text_base_in_size():
+    with torch.device('meta'):
+        model = Data2Vec(ModelConfig(modality='text', vocab_size=50_265, layerdrop=0.0))
+    layer = 4 * (768 * 768 + 768) + (768 * 3072 + 3072) + (3072 * 768 + 768) + 2 * 2 * 768   # attention, FFN, 2 LayerNorms
+    hf = (50_265 + 514 + 1) * 768 + 2 * 768 + 12 * layer + (768 * 768 + 768)              # + token type row, + pooler
+    assert abs(model.num_params() - hf) / hf < 0.01, (model.num_params(), hf)            # 124,054,272 vs 124,645,632
+    head = model.num_params(head=True) - model.num_params()
+    assert head == (768 * 1536 + 1536) + (1536 * 768 + 768)                             # Linear(D, 2D) → GELU → Linear(2D, D)
+
+
+def test_text_loss_counts_only_mask_positions():
+    from masking import token_mask
+    tokens = torch.randint(5, 1000, (8, 64))
+    source, mask = token_mask(tokens, 4, (5, 1000), 0.3, 1, 0.2, 0.2, generator=torch.Generator().manual_seed(0))
+    pred, y = torch.randn(8, 64, 16), torch.randn(8, 64, 16)
+    loss = regression_loss(pred, y, mask, beta=4.0, scale=1.0)
+    other = pred.clone()
+    other[~mask] += 10.0                                               # randomised, kept and unchosen tokens: no loss there
+    torch.testing.assert_close(regression_loss(other, y, mask, beta=4.0, scale=1.0), loss)
+    assert ((source != tokens) & ~mask).any() and (source[mask] == 4).all()

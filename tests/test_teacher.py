@@ -141,3 +141,36 @@ def test_vision_ema_covers_the_patch_embedding_and_relative_position_bias():
     for name in ('patch_embed.proj.weight', 'rel_pos_bias.table', 'cls_token', 'layers.1.gamma_2', 'norm.weight'):
         old = student.encoder.get_parameter(name) - 1.0                # the teacher was a copy of these
         torch.testing.assert_close(teacher.get_parameter(name) - old, torch.full_like(old, 1 - 0.9998))   # moved (1 − τ) of the way
+
+
+def test_text_teacher_reads_the_original_tokens_through_the_shared_embedding():
+    """data2vec text: targets = mean of the top-K layer-normed FFN outputs of the teacher's blocks for the ORIGINAL
+    tokens; the teacher averages the blocks only, the embeddings (tokens, positions, LayerNorm) are the student's."""
+    from contextlib import nullcontext
+
+    from masking import token_mask
+    from model import Data2Vec, ModelConfig
+    from train import TrainConfig, train_step
+    cfg = ModelConfig(modality='text', vocab_size=300, max_tokens=16, dim=32, layers=3, heads=4, ffn_dim=64, layerdrop=0.0)
+    torch.manual_seed(0)
+    model = Data2Vec(cfg)
+    teacher = make_teacher(model.encoder)
+    assert not any(n.startswith(('tokens', 'positions')) for n in teacher.state_dict())   # blocks only: nothing to drift
+    original = torch.randint(5, 300, (4, 16))
+    original[:, 0], original[:, -1] = 0, 2
+    source, mask = token_mask(original, 4, (5, 300), 0.15, 1, 0.1, 0.1, generator=torch.Generator().manual_seed(0))
+    _, teacher_input, _ = model(source, None, mask, original)
+    model.eval()
+    torch.testing.assert_close(teacher_input, model.embed(original))  # the uncorrupted sentence (paper), not the masked one
+    y = teacher_targets(teacher, teacher_input, None, tap='ffn', top_k=2, norm='layer')
+    ffn = _ffn_outputs_by_hand(teacher, model.embed(original))[-2:]
+    torch.testing.assert_close(y, sum(F.layer_norm(f, (32,)) for f in ffn) / 2)
+    model.train()
+    tcfg = TrainConfig(top_k=2, target_norm='layer', loss_beta=4.0, loss_scale=1.0, steps=10, warmup=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = model.embed.tokens.weight.clone()
+    train_step(model, teacher, opt, [(source, None, mask, original)], 0, tcfg, nullcontext())
+    assert not torch.equal(model.embed.tokens.weight, before)         # the student's embedding learns …
+    assert not torch.equal(teacher.layers[0].fc1.weight, model.encoder.layers[0].fc1.weight)   # … the blocks are averaged
+    model.eval()
+    torch.testing.assert_close(model(source, None, mask, original)[1], model.embed(original))   # still the student's embedding

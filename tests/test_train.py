@@ -153,3 +153,41 @@ def test_a_truncated_image_found_by_a_loader_worker_fails_in_one_line(tmp_path):
             '--batch-size', '5', '--micro-batch-size', '5', '--workers', '1')
     assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith('train.py: error: ') and '3.png: cannot decode image' in r.stderr
+
+
+TEXT_SMALL = ['--modality', 'text', '--dim', '32', '--layers', '2', '--heads', '2', '--ffn-dim', '64', '--top-k', '2',
+              '--batch-size', '4', '--micro-batch-size', '2', '--workers', '0', '--vocab-size', '300', '--block-size', '32']
+
+
+def test_one_text_step_from_the_command_line(tmp_path):
+    r = run('--steps', '2', '--log-every', '1', '--out', str(tmp_path), *TEXT_SMALL)
+    assert r.returncode == 0, r.stderr
+    for name in ('config.json', 'log.jsonl', 'checkpoint.pt', 'curves.png'):
+        assert (tmp_path / name).stat().st_size > 0, name
+    config = json.loads((tmp_path / 'config.json').read_text())
+    assert config['model']['vocab_size'] == 300 and config['train']['loss_beta'] == 4.0 and config['train']['loss_scale'] == 1.0
+    ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
+    assert not any('embed' in k or 'tokens' in k for k in ckpt['teacher'])     # the teacher averages the blocks only
+    assert ckpt['student']['embed.tokens.weight'].shape == (300, 32)
+
+
+@pytest.mark.parametrize('args, words', [(['--text-mask', 'word'], '--text-mask word'),
+                                         (['--block-size', '600'], '--block-size 600 must be in [3, --max-tokens 64]'),
+                                         (['--vocab-size', '100'], '--vocab-size 100 must be ≥ 261'),
+                                         (['--image-size', '64'], '--image-size is for --modality vision')])
+def test_bad_text_flags_fail_with_the_flag_name(args, words):
+    r = run('--modality', 'text', *args)
+    assert r.returncode == 2 and words in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_text_presets_are_the_papers():
+    from train import parse_args
+    mcfg, cfg = parse_args(['--modality', 'text', '--preset', 'base'])
+    assert (mcfg.dim, mcfg.layers, mcfg.heads, mcfg.ffn_dim, mcfg.max_tokens, mcfg.vocab_size) == (768, 12, 12, 3072, 512, 50_000)
+    assert (cfg.top_k, cfg.target_layer, cfg.target_norm, cfg.target_post_norm, cfg.loss_beta, cfg.loss_scale) == (10, 'ffn', 'layer', 'none', 4.0, 1.0)
+    assert (cfg.ema_start, cfg.ema_end, cfg.ema_anneal_steps) == (0.999, 0.9999, 100_000)
+    assert (cfg.text_mask, cfg.mask_prob, cfg.mask_length) == ('bert', 0.15, 1)
+    assert (cfg.schedule, cfg.lr, cfg.adam_beta2, cfg.adam_eps, cfg.weight_decay, cfg.clip) == ('tri_stage', 2e-4, 0.98, 1e-6, 0.01, 5.0)
+    assert (cfg.warmup, cfg.hold, cfg.steps, cfg.batch_size, cfg.block_size) == (0.05, 0.8, 1_000_000, 256, 512)
+    _, span = parse_args(['--modality', 'text', '--text-mask', 'span'])
+    assert (span.mask_prob, span.mask_length) == (0.35, 4)                  # fairseq's released config

@@ -1,0 +1,336 @@
+"""Text data: an embedded synthetic corpus (no download, no file), a reader for real text, byte-level BPE, packing.
+
+SyntheticText(size, seed)   English-like sentences from a small grammar over 6 topics; item i → (sentence, topic).
+read_corpus(path)           a .txt file or a folder of them → documents (blank-line-separated paragraphs).
+train_tokenizer(docs, V)    GPT-2/RoBERTa-style byte-level BPE with the specials <s> <pad> </s> <unk> <mask> at 0..4.
+pack_blocks(docs, tok, B)   one token stream (</s> between documents) cut into blocks <s> … </s> of B tokens.
+TokenBlocks(blocks)         those blocks as a dataset: item i → (LongTensor (B,), 0).
+"""
+import hashlib
+import json
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+
+from data import DataError
+
+SPECIALS = ('<s>', '<pad>', '</s>', '<unk>', '<mask>')       # RoBERTa's; ids 0..4 in every tokenizer trained here
+BOS, PAD, EOS, UNK, MASK = range(5)                          # (a loaded RoBERTa vocab has <mask> at 50264: look it up)
+
+
+# ---------------------------------------------------------------------------------------------- synthetic corpus
+# Per topic: nouns; people; verbs taking a topic noun as object; intransitive verbs; adjectives; places. 'a/b' is
+# an irregular plural or past. The topic picks every content word of a sentence: that is the label.
+TOPICS = {
+    'animals': 'cat dog horse rabbit fox owl mouse/mice bear wolf/wolves deer/deer duck goat sheep/sheep tiger lion '
+               'frog eagle squirrel turtle pony; farmer vet keeper hunter; chase feed/fed follow watch catch/caught '
+               'groom hear/heard find/found; sleep/slept run/ran hide/hid jump; furry wild hungry sleepy fierce tame '
+               'spotted shy; forest barn field zoo meadow stable',
+    'food': 'apple cake lemon onion potato/potatoes tomato/tomatoes pie carrot egg pear sandwich cookie pepper '
+            'pancake biscuit loaf/loaves melon peach cherry bun; cook baker chef waiter; bake taste slice eat/ate '
+            'buy/bought peel serve mix; dine snack shop/shopped feast; sweet spicy fresh salty crispy sour ripe '
+            'delicious; kitchen market bakery cafe restaurant garden',
+    'weather': 'cloud storm gust raindrop snowflake rainbow breeze hailstone puddle umbrella raincoat forecast '
+               'thermometer shower icicle wave snowdrift sunbeam fog mist; forecaster sailor fisherman/fishermen '
+               'shepherd; predict measure see/saw feel/felt expect fear report dread; shiver freeze/froze shelter '
+               'wait; cold stormy foggy windy sunny cloudy icy humid; coast valley mountain harbour hill island',
+    'sport': 'ball goal match team race bat racket medal trophy net helmet bike game point whistle glove shirt boot '
+             'prize lap; player coach referee runner; kick throw/threw win/won lose/lost hit/hit miss defend block; '
+             'train cheer sprint stretch; fast strong tired brave skilled nervous proud lucky; stadium pitch court '
+             'track gym pool',
+    'travel': 'ticket map suitcase passport hotel bus plane ferry camera postcard bag tour journey flight guidebook '
+              'souvenir taxi car backpack visa; traveller tourist driver pilot; book pack carry board reserve '
+              'photograph explore visit; travel/travelled wander depart fly/flew; crowded distant famous delayed '
+              'cheap foreign quiet busy; city village border capital port beach',
+    'music': 'song piano guitar drum violin melody concert choir band album note chord flute trumpet tune record '
+             'lyric orchestra ballad symphony; singer pianist drummer composer; play sing/sang compose tune record '
+             'hum/hummed practise rehearse; dance perform listen bow; loud soft gentle cheerful catchy haunting '
+             'lively sad; hall theatre studio church stage club',
+}
+NAMES = ('Anna Ben Clara David Emma Felix Grace Henry Iris Jack Kate Leo Maya Noah Olivia Paul Rosa Sam Tara Victor '
+         'Zoe Omar Lucy Mark Nina Oscar Ruth Simon Vera Yusuf').split()
+ADJS = 'old young big small little new tall happy careful strange lovely bright dark huge tiny red green blue'.split()
+ADVERBS = 'quickly slowly carefully quietly happily suddenly often never always rarely gently eagerly finally'.split()
+TIMES = ('yesterday|last week|last night|on Monday|on Tuesday|on Friday|on Sunday|in the morning|in the evening|'
+         'this morning|at noon|at midnight|tomorrow|next week|next summer|soon').split('|')       # the last 4: future
+NUMBERS = 'two three four five six seven eight nine ten twelve twenty'.split()
+PREPS = 'in near behind beside inside outside at across towards'.split()
+
+
+def _lexicon(words):
+    """A topic's word lists: nouns and people as (singular, plural), verbs as (base, past, 3rd person)."""
+    consonant_y = lambda w: w[-1] == 'y' and w[-2] not in 'aeiou'                  # pony → ponies, carry → carried
+    plural = lambda w: w[:-1] + 'ies' if consonant_y(w) else w + ('es' if w.endswith(('s', 'x', 'ch', 'sh')) else 's')
+    past = lambda w: w[:-1] + 'ied' if consonant_y(w) else w + ('d' if w[-1] == 'e' else 'ed')
+    forms = lambda ws, rule: [tuple(w.split('/')) if '/' in w else (w, rule(w)) for w in ws.split()]
+    verbs = lambda ws: [(base, p, plural(base)) for base, p in forms(ws, past)]    # 3rd person: spelt as a plural
+    nouns, people, transitive, intransitive, adjs, places = words.split(';')
+    return dict(nouns=forms(nouns, plural), people=forms(people, plural), verbs=verbs(transitive),
+                intrans=verbs(intransitive), adjs=adjs.split(), places=places.split())
+
+
+LEXICONS = [_lexicon(words) for words in TOPICS.values()]
+
+
+def _sentence(r, t):
+    """One sentence of topic t (a lexicon) drawn with random.Random r. The structures vary (subordinate and relative
+    clauses, questions, lists, reported speech, comparisons) and verbs agree with their subjects, so that guessing a
+    masked word needs its context: the topic, the number of the subject, the tense, the sentence type."""
+    def noun_phrase(people=False):                          # ('the hungry fox' | 'three owls' | 'an umbrella', plural?)
+        plural, (one, many) = r.random() < 0.35, r.choice(t['people'] if people else t['nouns'])
+        adjective = r.choice(ADJS if people else t['adjs'] + ADJS) + ' ' if r.random() < 0.4 else ''
+        words = adjective + (many if plural else one)
+        if plural:
+            return f"{r.choice(['the', 'some', 'these', 'those', 'many', 'their', 'our'] + NUMBERS)} {words}", True
+        det = r.choice(['the', 'the', 'a', 'this', 'that', 'my', 'his', 'her', 'our'])
+        return f"{'an' if det == 'a' and words[0] in 'aeiou' else det} {words}", False
+
+    def agent():                                            # (someone who acts, takes a 3rd-person singular verb?)
+        k = r.random()
+        if k < 0.4:
+            return r.choice(NAMES), True
+        if k < 0.85:
+            phrase, plural = noun_phrase(people=True)
+            return phrase, not plural
+        pronoun = r.choice(['he', 'she', 'they', 'we', 'you'])
+        return pronoun, pronoun in ('he', 'she')
+
+    def place():
+        return f"{r.choice(PREPS)} the {r.choice(t['places'])}"
+
+    def clause(tense=None):                                 # 'Anna quickly fed the hungry fox near the barn'
+        tense = tense or r.choice(['past', 'past', 'present', 'future'])
+        (subject, sg3), transitive = agent(), r.random() < 0.75
+        base, past, third = r.choice(t['verbs'] if transitive else t['intrans'])
+        adverb = r.choice(ADVERBS) + ' ' if r.random() < 0.25 else ''
+        verb = {'past': adverb + past, 'present': adverb + (third if sg3 else base), 'future': f'will {adverb}{base}'}
+        obj, where = ' ' + noun_phrase()[0] if transitive else '', ' ' + place() if r.random() < 0.5 else ''
+        return f'{subject} {verb[tense]}{obj}{where}'
+
+    k, (phrase, plural), (base, past, _) = r.random(), noun_phrase(), r.choice(t['verbs'])
+    was = 'were' if plural else 'was'
+    if k < 0.2:
+        s = clause() + '.'
+    elif k < 0.3:
+        when = r.choice(TIMES)
+        s = f"{when}, {clause('future' if when in TIMES[-4:] else 'past')}."
+    elif k < 0.42:                                          # a subordinate clause, before or after the main one
+        sub = r.choice(['because', 'although', 'when', 'while', 'before', 'after', 'until', 'since'])
+        a, b = clause('past'), clause('past')
+        s = f'{sub} {a}, {b}.' if r.random() < 0.5 else f'{a} {sub} {b}.'
+    elif k < 0.48:
+        s = f"if {clause('present')}, {clause('future')}."
+    elif k < 0.56:                                          # a relative clause between the subject and its verb
+        s = f"{phrase} that {past} {noun_phrase()[0]} {was} {r.choice(['', 'very ', 'too '])}{r.choice(t['adjs'])}."
+    elif k < 0.68:                                          # questions
+        subject, sg3 = agent()
+        wh, does = r.choice(['why', 'when', 'how', 'where']), 'does' if sg3 else 'do'
+        s = r.choice([f'did {subject} {base} {phrase} {place()}?', f'{wh} {does} {subject} {base} {phrase}?',
+                      f"how many {r.choice(t['nouns'])[1]} did {subject} {base}?", f'who {past} {phrase} {place()}?'])
+    elif k < 0.76:                                          # a list
+        s = f'{agent()[0]} {past} {phrase}, {noun_phrase()[0]} and {noun_phrase()[0]}.'
+    elif k < 0.84:
+        s = f"there {r.choice(['are', 'were'] if plural else ['is', 'was'])} {phrase} {place()}."
+    elif k < 0.92:                                          # reported speech
+        reported = r.choice(['said', 'thought', 'knew', 'hoped', 'believed', 'explained'])
+        name, said = r.choice(NAMES), clause()
+        s = f'"{said}," said {name}.' if r.random() < 0.5 else f'{name} {reported} that {said}.'
+    else:
+        s = f"{phrase} {was} more {r.choice(t['adjs'])} than {noun_phrase()[0]}."
+    i = next(j for j, c in enumerate(s) if c.isalpha())   # capital first letter (after an opening quote)
+    return s[:i] + s[i].upper() + s[i + 1:]
+
+
+class SyntheticText(torch.utils.data.Dataset):
+    """Deterministic synthetic text: sentence i depends only on (seed, split, i); nothing is stored.
+
+    The label is the topic (`classes`, i % 6, so balanced): it picks every noun, verb, adjective and place, while
+    names, numbers, adverbs, times and function words are shared. Returns (sentence str, label int).
+    """
+
+    def __init__(self, size=4096, seed=0, split='train'):
+        if split not in ('train', 'valid'):
+            raise ValueError(f"split must be 'train' or 'valid', not {split!r}")
+        self.size, self.seed, self.split = size, seed, split
+        self.classes = list(TOPICS)
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        label = i % len(self.classes)
+        r = random.Random(f'{self.seed}/{self.split}/{i}')   # a str seed is hashed with SHA-512: same in every run
+        return _sentence(r, LEXICONS[label]), label
+
+    def documents(self, n_sentences=(3, 8)):
+        """The pretraining corpus: this split's sentences, each used once, grouped into documents of
+        n_sentences[0]..n_sentences[1] sentences of one topic (i, i + 6, i + 12, …), so that the context of a
+        masked word includes the rest of its document. A list of str, in order of first sentence."""
+        r, groups = random.Random(f'{self.seed}/{self.split}/documents'), []
+        for label in range(len(self.classes)):
+            todo = list(range(label, self.size, len(self.classes)))
+            while todo:
+                k = r.randint(*n_sentences)
+                groups.append(todo[:k])
+                todo = todo[k:]
+        return [' '.join(self[i][0] for i in g) for g in sorted(groups)]
+
+
+# ---------------------------------------------------------------------------------------------- real text
+def _paragraphs(path, encoding):
+    """A file's blank-line-separated paragraphs, stripped, empty ones dropped; DataError naming the file."""
+    try:
+        data = path.read_bytes()
+        text = data.decode(encoding)
+    except OSError as e:
+        raise DataError(f'{path}: cannot read ({e.strerror})') from None
+    except LookupError:
+        raise DataError(f'--encoding {encoding}: unknown encoding') from None
+    except UnicodeDecodeError as e:                  # e.start: the offset of the first byte that does not decode
+        raise DataError(f'{path}: not valid {encoding} at byte {e.start} (0x{data[e.start]:02x}); '
+                        f"pass --encoding latin-1 (or the file's encoding)") from None
+    text = text.lstrip('\ufeff').replace('\r\n', '\n').replace('\r', '\n')   # byte-order mark, Windows/Mac lines
+    paragraphs = [p.strip() for p in re.split(r'\n\s*\n', text)]
+    if not any(paragraphs):
+        raise DataError(f"{path}: the file is empty{' (only whitespace)' if data else ''}")
+    return [p for p in paragraphs if p]
+
+
+def read_corpus(path, encoding='utf-8'):
+    """Documents (list of str) from a text file or every .txt under a folder (recursive, sorted): one document per
+    blank-line-separated paragraph. A byte that does not decode in `encoding` is an error naming the file and its
+    offset, not a silent replacement character."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob('*.txt') if p.is_file())
+        if not files:
+            raise DataError(f'--data {path}: no .txt files under it')
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DataError(f'--data {path}: no such file or directory')
+    return [p for f in tqdm(files, desc='reading text', disable=len(files) < 1000, leave=False)
+            for p in _paragraphs(f, encoding)]
+
+
+# ---------------------------------------------------------------------------------------------- byte-level BPE
+def _byte_level(tok):
+    """GPT-2's byte-level BPE around a BPE model: every byte is a symbol, so any text encodes and decodes exactly.
+    A '<mask>' written in the text encodes as the characters < mask >, as with fairseq's GPT-2 BPE: only packing and
+    masking put special tokens in (encode_special_tokens is not saved in the JSON, so it is set on every load)."""
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.encode_special_tokens = True
+    return tok
+
+
+def tokenizer_cache_path(data_path, vocab_size):
+    """Where train_tokenizer caches the BPE of `data_path`: x.txt → x.txt.bpe-<V>.json beside it, a folder →
+    <folder>/.bpe-<V>.json (neither ends in .txt, so read_corpus skips it). None (no cache) where none exists
+    yet and the place is not writable, e.g. a read-only dataset mount."""
+    data_path = Path(data_path)
+    cache = (data_path / f'.bpe-{vocab_size}.json' if data_path.is_dir()
+             else data_path.with_name(f'{data_path.name}.bpe-{vocab_size}.json'))
+    return cache if cache.exists() or os.access(cache.parent, os.W_OK) else None
+
+
+def train_tokenizer(documents, vocab_size, cache=None):
+    """Train a byte-level BPE of at most `vocab_size` tokens on `documents` (list of str): the SPECIALS at ids 0..4,
+    the 256 byte symbols, then merges. With `cache` (a .json path), a tokenizer saved there for the same vocab_size
+    and the same documents (SHA-1 of the text) is loaded instead; otherwise the new one is saved there."""
+    minimum = 256 + len(SPECIALS)
+    if vocab_size < minimum:
+        raise DataError(f'--vocab-size {vocab_size}: a byte-level BPE needs at least {minimum} '
+                        f'(256 bytes + {len(SPECIALS)} special tokens)')
+    sha1 = hashlib.sha1()
+    for d in documents:
+        sha1.update(d.encode('utf-8', 'surrogatepass') + b'\0')
+    meta = {'vocab_size': vocab_size, 'corpus_sha1': sha1.hexdigest()}   # in the cache, to tell a stale one
+    if cache and Path(cache).is_file():
+        try:
+            spec = json.loads(Path(cache).read_text(encoding='utf-8'))
+            if spec.pop('data2vec', None) == meta:       # popped: the tokenizers JSON reader rejects unknown keys
+                return _byte_level(Tokenizer.from_str(json.dumps(spec)))
+        except Exception:                                # unreadable or truncated: train again and overwrite it
+            pass
+    tok = _byte_level(Tokenizer(models.BPE()))
+    alphabet = pre_tokenizers.ByteLevel.alphabet()       # all 256 byte symbols, seen in the documents or not
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), initial_alphabet=alphabet,
+                                  show_progress=len(documents) > 9999)
+    tok.train_from_iterator(documents, trainer, length=len(documents))
+    if cache:
+        tmp = Path(f'{cache}.tmp{os.getpid()}')          # write, then rename: never a half-written cache
+        tmp.write_text(json.dumps(json.loads(tok.to_str()) | {'data2vec': meta}, ensure_ascii=False), encoding='utf-8')
+        os.replace(tmp, cache)
+    return tok
+
+
+def load_tokenizer(vocab_json, merges_txt):
+    """A GPT-2 / RoBERTa byte-level BPE from its vocab.json and merges.txt. RoBERTa's vocabulary holds the SPECIALS
+    (<s> 0, <pad> 1, </s> 2, <unk> 3, <mask> 50264); GPT-2's holds none, so they are appended (ids 50257…) and a
+    line says so. Look special ids up with tokenizer.token_to_id, not with the BOS… constants."""
+    for p in (vocab_json, merges_txt):
+        if not Path(p).is_file():
+            raise DataError(f'{p}: no such file')
+    try:
+        tok = _byte_level(Tokenizer(models.BPE.from_file(str(vocab_json), str(merges_txt))))
+    except Exception as e:
+        raise DataError(f'{vocab_json}, {merges_txt}: cannot read a BPE vocabulary and merges ({e})') from None
+    missing = [s for s in SPECIALS if tok.token_to_id(s) is None]
+    tok.add_special_tokens(list(SPECIALS))               # present ones keep their id; decode now skips all five
+    if missing:
+        print(f"{vocab_json}: no {' '.join(missing)} in the vocabulary; added them as special tokens "
+              f"{', '.join(f'{s}={tok.token_to_id(s)}' for s in missing)}")
+    return tok
+
+
+def ordinary_ids(tokenizer):
+    """(lo, hi): the ids of ordinary tokens, which masking may pick and draw. The SPECIALS sit at the start
+    (ours: 0–4), at the start and the end (RoBERTa: 0–3 and <mask> 50264) or at the end (GPT-2 + appended)."""
+    ids, vocab = sorted(tokenizer.token_to_id(t) for t in SPECIALS), tokenizer.get_vocab_size()
+    lo = sum(1 for k, i in enumerate(ids) if i == k)                    # specials 0, 1, … at the start
+    return lo, vocab - (len(ids) - lo)
+
+
+# ---------------------------------------------------------------------------------------------- packing
+def pack_blocks(documents, tokenizer, block_size=512, chunk=4096):
+    """Tokenize the documents (no specials), join them into one stream with </s> between documents, cut it into
+    chunks of block_size − 2 tokens and wrap each as <s> chunk </s>: LongTensor (N, block_size). The incomplete
+    last chunk is dropped, so every block is full (no padding, static shapes)."""
+    if block_size < 3:
+        raise ValueError(f'block_size must be at least 3 (<s> token </s>), not {block_size}')
+    documents, (bos, eos) = list(documents), (tokenizer.token_to_id(s) for s in ('<s>', '</s>'))
+    encode = getattr(tokenizer, 'encode_batch_fast', tokenizer.encode_batch)   # _fast (tokenizers ≥ 0.20): no offsets
+    parts = [np.zeros(0, np.int64)]
+    for start in tqdm(range(0, len(documents), chunk), desc='tokenizing', disable=len(documents) < 5 * chunk):
+        flat = []
+        for enc in encode(documents[start:start + chunk], add_special_tokens=False):
+            flat += enc.ids + [eos]
+        parts.append(np.array(flat, np.int64))
+    stream, inner = np.concatenate(parts)[:-1], block_size - 2            # [:-1]: no </s> after the last document
+    n = len(stream) // inner
+    if n == 0:
+        raise DataError(f'the corpus has {len(stream)} tokens, fewer than the {inner} one block needs '
+                        f'(--block-size {block_size} = <s> + {inner} + </s>); use a smaller --block-size or more text')
+    blocks = torch.from_numpy(stream[:n * inner]).view(n, inner)
+    return torch.cat([torch.full((n, 1), bos), blocks, torch.full((n, 1), eos)], 1)
+
+
+class TokenBlocks(torch.utils.data.Dataset):
+    """Packed blocks (N, block_size) as a dataset: item i → (LongTensor (block_size,), 0); the 0 is a dummy label,
+    so items have the (input, label) shape of the other modalities."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, i):
+        return self.blocks[i], 0
