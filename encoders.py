@@ -178,18 +178,19 @@ class RelativePositionBias(nn.Module):
 class TextEmbedding(nn.Module):
     """RoBERTa embeddings: x_t = LN(E[token_t] + P[pos_t]), with no √D scaling (fairseq no_scale_embedding).
 
-    Positions count from pad + 1, as fairseq/RoBERTa's LearnedPositionalEmbedding (padding positions
-    read row `pad`): 512 tokens need 512 + pad + 1 = 514 rows. tokens: (B, T) int64 → (B, T, D).
+    Positions count from 2, as fairseq/RoBERTa's LearnedPositionalEmbedding with <pad> = 1 (padding reads
+    row 1): 512 tokens need 514 rows. `pad` is the tokenizer's <pad> id (1 for RoBERTa and ours, 50258 for
+    GPT-2 with appended specials); the position layout stays RoBERTa's. tokens: (B, T) int64 → (B, T, D).
     """
 
     def __init__(self, vocab_size, dim=768, max_tokens=512, pad=1):
         super().__init__()
         self.pad = pad
         self.tokens = nn.Embedding(vocab_size, dim, padding_idx=pad)
-        self.positions = nn.Embedding(max_tokens + pad + 1, dim, padding_idx=pad)
+        self.positions = nn.Embedding(max_tokens + 2, dim, padding_idx=1)
         self.layer_norm = nn.LayerNorm(dim)
 
     def forward(self, tokens):
         real = tokens != self.pad                                  # (B, T)
-        positions = torch.cumsum(real, dim=1) * real + self.pad     # pad + 1, pad + 2, … on real tokens; pad on padding
+        positions = torch.cumsum(real, dim=1) * real + 1            # 2, 3, … on real tokens; 1 on padding
         return self.layer_norm(self.tokens(tokens) + self.positions(positions))   # (B, T, D)

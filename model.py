@@ -44,7 +44,8 @@ class ModelConfig:
     layer_scale: float = 1e-4    # vision: LayerScale γ init (BEiT layer_scale_init_value)
     drop_path: float = 0.0       # vision: stochastic depth of the last block, rising linearly from 0 (paper: 0.2)
     vocab_size: int = 50_000     # text: BPE vocabulary (set from the tokenizer)
-    max_tokens: int = 512        # text: rows of the learned position table, minus RoBERTa's pad + 1 offset
+    max_tokens: int = 512        # text: rows of the learned position table, minus RoBERTa's offset of 2
+    pad_id: int = 1              # text: the tokenizer's <pad> (set from the tokenizer)
 
 
 def attention_mask(padding_mask, T, window=0, device=None):
@@ -273,16 +274,18 @@ class Data2Vec(nn.Module):
         elif cfg.modality == 'vision':
             self.encoder = VisionTransformer(cfg)                             # holds the mask token
         elif cfg.modality == 'text':
-            self.embed = TextEmbedding(cfg.vocab_size, cfg.dim, cfg.max_tokens)
+            self.embed = TextEmbedding(cfg.vocab_size, cfg.dim, cfg.max_tokens, cfg.pad_id)
             self.embed.apply(init_bert_params)
             self.encoder = Transformer(cfg, input_norm=False)                # blocks only: the EMA skips the embeddings
         else:
             raise ValueError(f"unknown modality {cfg.modality!r} (speech, vision, text)")
-        self.regression_head = nn.Linear(cfg.dim, cfg.dim)   # fairseq final_proj, BEiT lm_head: one Linear (issue #4199)
-        if cfg.modality == 'vision':
-            init_vit_params(self.regression_head)
         if cfg.modality == 'text':                            # fairseq data2vec_text head_layers 2: D → 2D → GELU → D
             self.regression_head = nn.Sequential(nn.Linear(cfg.dim, 2 * cfg.dim), nn.GELU(), nn.Linear(2 * cfg.dim, cfg.dim))
+            self.regression_head.apply(init_bert_params)     # fairseq: apply(init_bert_params) over the whole model
+        else:
+            self.regression_head = nn.Linear(cfg.dim, cfg.dim)   # fairseq final_proj, BEiT lm_head: one Linear (#4199)
+        if cfg.modality == 'vision':
+            init_vit_params(self.regression_head)
 
     def encode(self, x, padding_mask=None, mask=None):
         """Features x (B, T, D) → student output (B, T, D); masked steps see the mask embedding."""

@@ -137,7 +137,8 @@ PRESETS = {
 
 ONLY = {'speech': ('crop', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'layerdrop', 'teacher_context'),
         'vision': ('image_size', 'patch_size', 'layer_scale', 'drop_path', 'min_crop_scale'),
-        'text': ('encoding', 'tokenizer', 'text_mask', 'block_size', 'vocab_size', 'max_tokens', 'layerdrop', 'teacher_context')}
+        'text': ('encoding', 'tokenizer', 'text_mask', 'block_size', 'vocab_size', 'max_tokens', 'pad_id', 'layerdrop',
+                 'teacher_context')}
 
 
 def parse_args(argv=None):
@@ -265,9 +266,10 @@ def make_dataset(mcfg, cfg):
         documents = read_corpus(cfg.data, cfg.encoding) if cfg.data else SyntheticText(seed=0).documents()
         tokenizer = (load_tokenizer(Path(cfg.tokenizer) / 'vocab.json', Path(cfg.tokenizer) / 'merges.txt') if cfg.tokenizer else
                      train_tokenizer(documents, mcfg.vocab_size, cfg.data and tokenizer_cache_path(cfg.data, mcfg.vocab_size)))
-        mcfg.vocab_size = tokenizer.get_vocab_size()
+        mcfg.vocab_size, mcfg.pad_id = tokenizer.get_vocab_size(), tokenizer.token_to_id('<pad>')
         dataset = TokenBlocks(pack_blocks(documents, tokenizer, cfg.block_size))
         dataset.mask_id, dataset.ordinary = tokenizer.token_to_id('<mask>'), ordinary_ids(tokenizer)   # for collate
+        dataset.tokenizer = tokenizer                                  # saved to --out as tokenizer.json
         return dataset
     if mcfg.modality == 'vision':
         return ImageFolder(cfg.data, min_size=mcfg.image_size) if cfg.data else SyntheticImages(seed=0, image_size=mcfg.image_size)
@@ -440,6 +442,8 @@ def main(argv=None):
     if master:
         out.mkdir(parents=True, exist_ok=True)
         (out / 'config.json').write_text(json.dumps(dict(model=asdict(mcfg), train=asdict(cfg)), indent=2))
+        if mcfg.modality == 'text':
+            dataset.tokenizer.save(str(out / 'tokenizer.json'))       # to turn the checkpoint's ids back into text
     if master and getattr(dataset, 'skipped', None):
         print(f'skipped {len(dataset.skipped)} files shorter than {MIN_SECONDS} s, e.g. {dataset.skipped[0]}')
     data = batches(dataset, mcfg, cfg, rank, world, pin=cuda)

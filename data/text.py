@@ -295,7 +295,11 @@ def ordinary_ids(tokenizer):
     (ours: 0–4), at the start and the end (RoBERTa: 0–3 and <mask> 50264) or at the end (GPT-2 + appended)."""
     ids, vocab = sorted(tokenizer.token_to_id(t) for t in SPECIALS), tokenizer.get_vocab_size()
     lo = sum(1 for k, i in enumerate(ids) if i == k)                    # specials 0, 1, … at the start
-    return lo, vocab - (len(ids) - lo)
+    hi = vocab - (len(ids) - lo)
+    if ids != list(range(lo)) + list(range(hi, vocab)):
+        raise DataError(f'special tokens {dict(zip(SPECIALS, map(tokenizer.token_to_id, SPECIALS)))} are neither at the '
+                        f'start nor at the end of the {vocab}-token vocabulary')
+    return lo, hi
 
 
 # ---------------------------------------------------------------------------------------------- packing

@@ -356,6 +356,12 @@ def test_text_base_matches_hf_data2vec_text_base_in_size():
     assert abs(model.num_params() - hf) / hf < 0.01, (model.num_params(), hf)            # 124,054,272 vs 124,645,632
     head = model.num_params(head=True) - model.num_params()
     assert head == (768 * 1536 + 1536) + (1536 * 768 + 768)                             # Linear(D, 2D) → GELU → Linear(2D, D)
+    torch.manual_seed(0)
+    small = Data2Vec(ModelConfig(modality='text', vocab_size=3000, dim=256, layers=1, heads=4, ffn_dim=512))
+    for w in (small.embed.tokens.weight, small.embed.positions.weight, small.regression_head[0].weight):
+        assert abs(w[2:].std().item() - 0.02) < 0.001                  # fairseq init_bert_params, embeddings and head too
+    assert not small.embed.tokens.weight[1].any() and not small.embed.positions.weight[1].any()   # the <pad> rows
+    assert not small.regression_head[2].bias.any()
 
 
 def test_text_loss_counts_only_mask_positions():

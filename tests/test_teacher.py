@@ -168,9 +168,13 @@ def test_text_teacher_reads_the_original_tokens_through_the_shared_embedding():
     model.train()
     tcfg = TrainConfig(top_k=2, target_norm='layer', loss_beta=4.0, loss_scale=1.0, steps=10, warmup=0.1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    before = model.embed.tokens.weight.clone()
+    before, old = model.embed.tokens.weight.clone(), teacher.layers[0].fc1.weight.clone()
     train_step(model, teacher, opt, [(source, None, mask, original)], 0, tcfg, nullcontext())
-    assert not torch.equal(model.embed.tokens.weight, before)         # the student's embedding learns …
-    assert not torch.equal(teacher.layers[0].fc1.weight, model.encoder.layers[0].fc1.weight)   # … the blocks are averaged
-    model.eval()
-    torch.testing.assert_close(model(source, None, mask, original)[1], model.embed(original))   # still the student's embedding
+    assert not torch.equal(model.embed.tokens.weight, before)         # the student's embedding learns
+    tau = ema_decay_at(1, tcfg.ema_start, tcfg.ema_end, tcfg.ema_anneal_steps)
+    torch.testing.assert_close(teacher.layers[0].fc1.weight, tau * old + (1 - tau) * model.encoder.layers[0].fc1.weight)
+    model.eval()                                                       # the teacher's input after the step, written out:
+    e = model.embed                                                    # LN(E[token] + P[2, 3, …]) with the updated tables
+    by_hand = F.layer_norm(e.tokens.weight[original] + e.positions.weight[torch.arange(2, 18)], (32,), e.layer_norm.weight,
+                           e.layer_norm.bias)
+    torch.testing.assert_close(model(source, None, mask, original)[1], by_hand)

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import ROOT
 
@@ -156,7 +157,7 @@ def test_a_truncated_image_found_by_a_loader_worker_fails_in_one_line(tmp_path):
 
 
 TEXT_SMALL = ['--modality', 'text', '--dim', '32', '--layers', '2', '--heads', '2', '--ffn-dim', '64', '--top-k', '2',
-              '--batch-size', '4', '--micro-batch-size', '2', '--workers', '0', '--vocab-size', '300', '--block-size', '32']
+              '--batch-size', '4', '--micro-batch-size', '2', '--workers', '0', '--vocab-size', '5000', '--block-size', '32']
 
 
 def test_one_text_step_from_the_command_line(tmp_path):
@@ -165,10 +166,58 @@ def test_one_text_step_from_the_command_line(tmp_path):
     for name in ('config.json', 'log.jsonl', 'checkpoint.pt', 'curves.png'):
         assert (tmp_path / name).stat().st_size > 0, name
     config = json.loads((tmp_path / 'config.json').read_text())
-    assert config['model']['vocab_size'] == 300 and config['train']['loss_beta'] == 4.0 and config['train']['loss_scale'] == 1.0
+    vocab = config['model']['vocab_size']                             # the embedded corpus has fewer merges than 5000
+    assert 261 <= vocab < 5000 and config['train']['loss_beta'] == 4.0 and config['train']['loss_scale'] == 1.0
     ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
     assert not any('embed' in k or 'tokens' in k for k in ckpt['teacher'])     # the teacher averages the blocks only
-    assert ckpt['student']['embed.tokens.weight'].shape == (300, 32)
+    assert ckpt['student']['embed.tokens.weight'].shape == (vocab, 32)  # config.json written after the tokenizer
+    from tokenizers import Tokenizer
+    assert Tokenizer.from_file(str(tmp_path / 'tokenizer.json')).get_vocab_size() == vocab
+
+
+def test_text_collate_masks_blocks_and_keeps_the_originals():
+    from data.text import SyntheticText, TokenBlocks, ordinary_ids, pack_blocks, train_tokenizer
+    from train import collate, parse_args
+    docs = SyntheticText(size=512).documents()
+    tok = train_tokenizer(docs, 400)
+    ds = TokenBlocks(pack_blocks(docs, tok, 32))
+    for mode in ('bert', 'span'):
+        mcfg, cfg = parse_args(['--modality', 'text', '--text-mask', mode])
+        torch.manual_seed(0)
+        source, padding, mask, original = collate([ds[i] for i in range(64)], mcfg, cfg, tok.token_to_id('<mask>'), ordinary_ids(tok))
+        assert padding is None and torch.equal(original, torch.stack([ds[i][0] for i in range(64)]))
+        assert torch.equal(mask, source == tok.token_to_id('<mask>'))  # the loss positions are exactly the <mask> tokens
+        if mode == 'span':                                              # fairseq's config: every chosen token is <mask>
+            assert torch.equal(source != original, mask) and abs(mask.float().mean().item() - 0.306 * 30 / 32) < 0.04
+        else:
+            assert ((source != original) & ~mask).any() and abs(mask.float().mean().item() - 0.12 * 30 / 32) < 0.02
+
+
+def test_roberta_and_gpt2_layouts_of_special_tokens():
+    from encoders import TextEmbedding
+    from masking import token_mask
+
+    class Vocab:                                                      # token_to_id / get_vocab_size, like a tokenizers.Tokenizer
+        def __init__(self, ids, size):
+            self.ids, self.size = ids, size
+
+        def token_to_id(self, t):
+            return self.ids[t]
+
+        def get_vocab_size(self):
+            return self.size
+    from data.text import ordinary_ids
+    roberta = Vocab({'<s>': 0, '<pad>': 1, '</s>': 2, '<unk>': 3, '<mask>': 50264}, 50265)
+    gpt2 = Vocab({'<s>': 50257, '<pad>': 50258, '</s>': 50259, '<unk>': 50260, '<mask>': 50261}, 50262)
+    assert ordinary_ids(roberta) == (4, 50264) and ordinary_ids(gpt2) == (0, 50257)
+    tokens = torch.randint(4, 50264, (64, 64))
+    source, mask = token_mask(tokens, 50264, (4, 50264), 0.5, 1, 0.5, 0.0, generator=torch.Generator().manual_seed(0))
+    assert ((source == 50264) == mask).all()                          # a random draw is never <mask>, the last id
+    emb = TextEmbedding(50262, 8, 16, pad=50258)                       # GPT-2's id 1 is '"', an ordinary token
+    quote = torch.tensor([[50257, 1, 1, 7, 50259]])
+    assert emb.tokens.weight[1].abs().sum() > 0 and emb.positions.weight.shape[0] == 18
+    torch.testing.assert_close(emb(quote)[0, 1], F.layer_norm(emb.tokens.weight[1] + emb.positions.weight[3], (8,),
+                                                               emb.layer_norm.weight, emb.layer_norm.bias))
 
 
 @pytest.mark.parametrize('args, words', [(['--text-mask', 'word'], '--text-mask word'),
