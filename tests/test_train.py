@@ -18,6 +18,15 @@ def run(*args, cwd=ROOT):
     return subprocess.run([sys.executable, str(ROOT / 'train.py'), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+def two_steps(out, *flags):
+    """Run train.py for 2 steps; check it wrote every output; return config.json."""
+    r = run('--steps', '2', '--log-every', '1', '--out', str(out), *flags)
+    assert r.returncode == 0, r.stderr
+    for name in ('config.json', 'log.jsonl', 'checkpoint.pt', 'curves.png'):
+        assert (out / name).stat().st_size > 0, name
+    return json.loads((out / 'config.json').read_text())
+
+
 def test_one_step_from_the_command_line(tmp_path):
     r = run('--modality', 'speech', '--steps', '2', '--log-every', '1', '--out', str(tmp_path), *SMALL)
     assert r.returncode == 0, r.stderr
@@ -91,11 +100,7 @@ VISION_SMALL = ['--modality', 'vision', '--dim', '32', '--layers', '2', '--heads
 
 
 def test_one_vision_step_from_the_command_line(tmp_path):
-    r = run('--steps', '2', '--log-every', '1', '--out', str(tmp_path), *VISION_SMALL)
-    assert r.returncode == 0, r.stderr
-    for name in ('config.json', 'log.jsonl', 'checkpoint.pt', 'curves.png'):
-        assert (tmp_path / name).stat().st_size > 0, name
-    config = json.loads((tmp_path / 'config.json').read_text())
+    config = two_steps(tmp_path, *VISION_SMALL)
     assert config['model']['modality'] == 'vision' and config['train']['target_layer'] == 'block'   # the vision preset
     assert config['train']['loss_beta'] == 2.0 and config['train']['target_post_norm'] == 'layer'
     ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
@@ -161,11 +166,7 @@ TEXT_SMALL = ['--modality', 'text', '--dim', '32', '--layers', '2', '--heads', '
 
 
 def test_one_text_step_from_the_command_line(tmp_path):
-    r = run('--steps', '2', '--log-every', '1', '--out', str(tmp_path), *TEXT_SMALL)
-    assert r.returncode == 0, r.stderr
-    for name in ('config.json', 'log.jsonl', 'checkpoint.pt', 'curves.png'):
-        assert (tmp_path / name).stat().st_size > 0, name
-    config = json.loads((tmp_path / 'config.json').read_text())
+    config = two_steps(tmp_path, *TEXT_SMALL)
     vocab = config['model']['vocab_size']                             # the embedded corpus has fewer merges than 5000
     assert 261 <= vocab < 5000 and config['train']['loss_beta'] == 4.0 and config['train']['loss_scale'] == 1.0
     ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
