@@ -217,23 +217,27 @@ def check_config(mcfg, cfg, world=1):
             (3 <= cfg.block_size <= mcfg.max_tokens, f'--block-size {cfg.block_size} must be in [3, --max-tokens {mcfg.max_tokens}]'),
             (cfg.text_mask in ('bert', 'span'), f'--text-mask {cfg.text_mask}: choose bert or span'),
             (mcfg.vocab_size >= 256 + len(SPECIALS), f'--vocab-size {mcfg.vocab_size} must be ≥ {256 + len(SPECIALS)}: 256 bytes + specials'),
-            (cfg.mask_length >= 1, f'--mask-length {cfg.mask_length} must be ≥ 1'),
         ]
     if mcfg.modality == 'vision':
-        grid = mcfg.image_size // mcfg.patch_size
+        grid, count = patch_mask_size(mcfg, cfg)
         checks += [
             (mcfg.image_size % mcfg.patch_size == 0, f'--image-size {mcfg.image_size} must be divisible by --patch-size {mcfg.patch_size}'),
             (grid >= 2, f'--image-size {mcfg.image_size} / --patch-size {mcfg.patch_size} must give a grid of at least 2 × 2 patches'),
             (0 < cfg.mask_prob <= 1, f'--mask-prob {cfg.mask_prob}: the fraction of patches masked must be in (0, 1]'),
-            (cfg.mask_length <= min(round(cfg.mask_prob * grid ** 2), (grid - 1) ** 2),
-             f'--mask-length {cfg.mask_length}: a block cannot exceed the {round(cfg.mask_prob * grid ** 2)} masked patches '
-             f'or the {(grid - 1) ** 2} a block may cover on a {grid} × {grid} grid'),
+            (cfg.mask_length <= min(count, (grid - 1) ** 2), f'--mask-length {cfg.mask_length}: a block cannot exceed the '
+             f'{count} masked patches or the {(grid - 1) ** 2} a block may cover on a {grid} × {grid} grid'),
             (0 < cfg.min_crop_scale <= 1, f'--min-crop-scale {cfg.min_crop_scale} must be in (0, 1]'),
             (0 <= mcfg.drop_path < 1, f'--drop-path {mcfg.drop_path} must be in [0, 1)'),
         ]
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+
+
+def patch_mask_size(mcfg, cfg):
+    """Vision: the patch grid side and the patches masked per image, round(mask_prob · N) (BEiT: 120 of 196)."""
+    grid = mcfg.image_size // mcfg.patch_size
+    return grid, round(cfg.mask_prob * grid ** 2)
 
 
 def lr_at(step, cfg):
@@ -286,9 +290,9 @@ def collate(items, mcfg, cfg, mask_id=None, ordinary=None):
         source, mask = token_mask(original, mask_id, ordinary, cfg.mask_prob, cfg.mask_length, *corrupt)
         return source, None, mask, original
     if mcfg.modality == 'vision':
-        grid = mcfg.image_size // mcfg.patch_size
+        grid, count = patch_mask_size(mcfg, cfg)
         images = torch.stack([augment(image, mcfg.image_size, cfg.min_crop_scale) for image, _ in items])  # (B, 3, H, W)
-        return images, None, block_mask(len(items), (grid, grid), round(cfg.mask_prob * grid ** 2), cfg.mask_length)
+        return images, None, block_mask(len(items), (grid, grid), count, cfg.mask_length)
     source, padding_mask = crop_and_pad([w for w, _ in items], cfg.crop)
     frames = conv_output_length((~padding_mask).sum(1))               # (B,) valid frames
     mask = span_mask(frames, conv_output_length(source.shape[1]), cfg.mask_prob, cfg.mask_length)
