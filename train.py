@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data import DataError
-from data.speech import SR, AudioFolder, SyntheticSpeech, crop_and_pad
+from data.speech import MIN_SECONDS, SR, AudioFolder, SyntheticSpeech, crop_and_pad
 from data.text import (SPECIALS, SyntheticText, TokenBlocks, load_tokenizer, ordinary_ids, pack_blocks, read_corpus,
                        tokenizer_cache_path, train_tokenizer)
 from data.vision import ImageFolder, SyntheticImages, augment
@@ -259,9 +259,6 @@ def lr_at(step, cfg):
     return cfg.lr * 0.01
 
 # -------------------------------------------------------------------------------------------- data
-
-
-MIN_SECONDS = 0.25                                                     # shorter speech files are left out: 12 frames
 
 
 def make_dataset(mcfg, cfg):

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from data import DataError
 
 SR = 16_000
+MIN_SECONDS = 0.25                      # shorter files are left out of training (12 frames)
 
 
 # ---------------------------------------------------------------------------------------------- synthetic corpus
@@ -198,12 +199,12 @@ class AudioFolder(torch.utils.data.Dataset):
         if not kept:
             raise DataError(f'--data {root}: every audio file is shorter than {min_samples} samples')
         self.files, self.lengths = map(list, zip(*kept))
-        self.transcripts = {}
-        for tf in root.rglob('*.trans.txt'):
-            for line in tf.read_text(encoding='utf-8').splitlines():
+        self.transcripts, self.transcript_lines = {}, {}                 # id → text, id → 'file:line' (for errors)
+        for tf in sorted(root.rglob('*.trans.txt')):
+            for n, line in enumerate(tf.read_text(encoding='utf-8').splitlines(), 1):
                 if line.strip():
                     uid, _, text = line.strip().partition(' ')
-                    self.transcripts[uid] = text
+                    self.transcripts[uid], self.transcript_lines[uid] = text, f'{tf}:{n}'
 
     def _length(self, path):
         try:

@@ -183,8 +183,8 @@ class SyntheticText(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------------- real text
-def _paragraphs(path, encoding):
-    """A file's blank-line-separated paragraphs, stripped, empty ones dropped; DataError naming the file."""
+def _read_text(path, encoding):
+    """A file's text with Unix line ends and no byte-order mark; DataError naming the file (and the byte that does not decode)."""
     try:
         data = path.read_bytes()
         text = data.decode(encoding)
@@ -196,10 +196,14 @@ def _paragraphs(path, encoding):
         raise DataError(f'{path}: not valid {encoding} at byte {e.start} (0x{data[e.start]:02x}); '
                         f"pass --encoding latin-1 (or the file's encoding)") from None
     text = text.lstrip('\ufeff').replace('\r\n', '\n').replace('\r', '\n')   # byte-order mark, Windows/Mac lines
-    paragraphs = [p.strip() for p in re.split(r'\n\s*\n', text)]
-    if not any(paragraphs):
+    if not text.strip():
         raise DataError(f"{path}: the file is empty{' (only whitespace)' if data else ''}")
-    return [p for p in paragraphs if p]
+    return text
+
+
+def _paragraphs(path, encoding):
+    """A file's blank-line-separated paragraphs, stripped, empty ones dropped."""
+    return [p for p in (p.strip() for p in re.split(r'\n\s*\n', _read_text(path, encoding))) if p]
 
 
 def read_corpus(path, encoding='utf-8'):
@@ -217,6 +221,46 @@ def read_corpus(path, encoding='utf-8'):
         raise DataError(f'--data {path}: no such file or directory')
     return [p for f in tqdm(files, desc='reading text', disable=len(files) < 1000, leave=False)
             for p in _paragraphs(f, encoding)]
+
+
+GLUE_COLUMNS = (('sentence1', 'sentence2'), ('question1', 'question2'), ('question', 'sentence'), ('premise', 'hypothesis'),
+                ('#1 String', '#2 String'), ('sentence',), ('text',))   # the text columns of GLUE TSV headers, pairs first
+GLUE_LABELS = ('label', 'gold_label', 'is_duplicate', 'Quality')     # the label column (MNLI, QQP, MRPC name theirs)
+
+
+def read_labelled(path, encoding='utf-8'):
+    """Labelled sentences or sentence pairs for classification (finetune.py): a list of (texts, label str), texts a tuple
+    of 1 or 2 str. Two layouts: a TSV whose header names a label column (GLUE_LABELS) and the text columns (GLUE_COLUMNS), or
+    `label sentence` lines (TREC). Errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f'{path}: no such file')
+    rows = [(n, line.strip(' ')) for n, line in enumerate(_read_text(path, encoding).split('\n'), 1) if line.strip()]  # tabs kept
+    examples = []
+    if path.suffix.lower() == '.tsv' or '\t' in rows[0][1]:
+        header = rows[0][1].split('\t')
+        columns = next((c for c in GLUE_COLUMNS if set(c) <= set(header)), None)
+        label = next((c for c in GLUE_LABELS if c in header), None)
+        if label is None or columns is None:
+            raise DataError(f'{path}:1: a TSV header needs a label column ({" | ".join(GLUE_LABELS)}) and text columns '
+                            f'({" | ".join("+".join(c) for c in GLUE_COLUMNS)}); '
+                            f'found {header}')
+        for n, line in rows[1:]:
+            fields = line.split('\t')
+            if len(fields) != len(header):
+                raise DataError(f'{path}:{n}: {len(fields)} tab-separated fields, the header has {len(header)}')
+            if not fields[header.index(label)].strip():
+                raise DataError(f'{path}:{n}: the {label} field is empty')
+            examples.append((tuple(fields[header.index(c)] for c in columns), fields[header.index(label)].strip()))
+    else:
+        for n, line in rows:
+            label, _, sentence = line.partition(' ')
+            if not sentence.strip():
+                raise DataError(f'{path}:{n}: expected "label sentence", got {line[:60]!r}')
+            examples.append(((sentence.strip(),), label))
+    if not examples:
+        raise DataError(f'{path}: no labelled examples')
+    return examples
 
 
 # ---------------------------------------------------------------------------------------------- byte-level BPE
@@ -288,6 +332,16 @@ def load_tokenizer(vocab_json, merges_txt):
         print(f"{vocab_json}: no {' '.join(missing)} in the vocabulary; added them as special tokens "
               f"{', '.join(f'{s}={tok.token_to_id(s)}' for s in missing)}")
     return tok
+
+
+def load_tokenizer_file(path):
+    """A tokenizer saved as one JSON file: train.py writes OUT/tokenizer.json beside the checkpoint."""
+    if not Path(path).is_file():
+        raise DataError(f'{path}: no such file')
+    try:
+        return _byte_level(Tokenizer.from_file(str(path)))
+    except Exception as e:
+        raise DataError(f'{path}: cannot read a tokenizer ({e})') from None
 
 
 def ordinary_ids(tokenizer):

@@ -187,3 +187,68 @@ def test_pack_blocks_too_little_text(tokenizer):
                                         r'\(--block-size 512 = <s> \+ 510 \+ </s>\); use a smaller --block-size'):
         pack_blocks(['One short document.'] * 2, tokenizer, block_size=512)
     assert pack_blocks(['One short document.'] * 2, tokenizer, block_size=n + 2).shape == (1, n + 2)
+
+
+# ---------------------------------------------------------------------------------------------- labelled text (finetune.py)
+from data.text import load_tokenizer_file, read_labelled  # noqa: E402
+
+
+def test_read_labelled_trec_lines(tmp_path):
+    """'label sentence' lines → ((sentence,), label): the first word is the label, blank lines, BOM and CRLF are ignored."""
+    (tmp_path / 'trec.txt').write_bytes(b'\xef\xbb\xbfDESC How did serfdom develop ?\r\n\r\n  \r\nNUM  When was it ?  \r\n')
+    assert read_labelled(tmp_path / 'trec.txt') == [(('How did serfdom develop ?',), 'DESC'), (('When was it ?',), 'NUM')]
+
+
+def test_read_labelled_glue_tsv_single_sentences_and_pairs(tmp_path):
+    """A TSV header picks the text columns by name, in GLUE's order whatever the file's column order; labels stay str."""
+    (tmp_path / 'rte.tsv').write_text('index\tsentence2\tlabel\tsentence1\n0\tB0\tnot_entailment\tA0\n1\tB1\tentailment\tA1\n')
+    assert read_labelled(tmp_path / 'rte.tsv') == [(('A0', 'B0'), 'not_entailment'), (('A1', 'B1'), 'entailment')]
+    (tmp_path / 'qnli.txt').write_text('question\tsentence\tlabel\nWhy?\tBecause.\t1\n')     # a tab in line 1: a TSV
+    assert read_labelled(tmp_path / 'qnli.txt') == [(('Why?', 'Because.'), '1')]
+    (tmp_path / 'sst2.tsv').write_text('sentence\tlabel\nit is good\t1\nit is bad\t0\n')
+    assert read_labelled(tmp_path / 'sst2.tsv') == [(('it is good',), '1'), (('it is bad',), '0')]
+
+
+def test_read_labelled_errors_name_the_file_and_line(tmp_path):
+    bad = {'nolabel.tsv': ('sentence\tscore\nfine\t1\n', r'nolabel\.tsv:1: a TSV header needs a label column'),
+           'notext.tsv': ('id\tlabel\n1\t0\n', r'notext\.tsv:1: .*text columns'),
+           'fields.tsv': ('sentence\tlabel\nfine\t1\n\nextra\t1\t2\n', r'fields\.tsv:4: 3 tab-separated fields, the header has 2'),
+           'short.txt': ('A a question\nB\n', r'short\.txt:2: expected "label sentence"'),
+           'empty.txt': ('\n \n', r'empty\.txt: the file is empty'),
+           'header.tsv': ('sentence\tlabel\n', r'header\.tsv: no labelled examples')}
+    for name, (content, message) in bad.items():
+        (tmp_path / name).write_text(content)
+        with pytest.raises(DataError, match=message):
+            read_labelled(tmp_path / name)
+    with pytest.raises(DataError, match='missing.txt: no such file'):
+        read_labelled(tmp_path / 'missing.txt')
+    (tmp_path / 'latin.txt').write_bytes('A caf\xe9 question\n'.encode('latin-1'))     # bytes A, ' ', c, a, f, then 0xe9 at 5
+    with pytest.raises(DataError, match=r'latin\.txt: not valid utf-8 at byte 5 \(0xe9\); pass --encoding latin-1'):
+        read_labelled(tmp_path / 'latin.txt')
+    assert read_labelled(tmp_path / 'latin.txt', 'latin-1') == [(('caf\xe9 question',), 'A')]
+
+
+def test_load_tokenizer_file_round_trip_and_errors(tokenizer, tmp_path):
+    """A tokenizer saved as JSON (train.py's OUT/tokenizer.json) loads with the same vocabulary and encodings."""
+    tokenizer.save(str(tmp_path / 'tokenizer.json'))
+    loaded = load_tokenizer_file(tmp_path / 'tokenizer.json')
+    s = 'The hungry fox ran to the meadow <mask> café'
+    assert loaded.get_vocab_size() == tokenizer.get_vocab_size() and loaded.encode(s).ids == tokenizer.encode(s).ids
+    assert loaded.decode(loaded.encode(s).ids) == s and [loaded.token_to_id(t) for t in SPECIALS] == [0, 1, 2, 3, 4]
+    with pytest.raises(DataError, match='nothing.json: no such file'):
+        load_tokenizer_file(tmp_path / 'nothing.json')
+    (tmp_path / 'junk.json').write_text('{"not": "a tokenizer"}')
+    with pytest.raises(DataError, match='junk.json: cannot read a tokenizer'):
+        load_tokenizer_file(tmp_path / 'junk.json')
+
+
+def test_read_labelled_real_trec(shared_data):
+    """TREC (labels 0–5) is latin-1: 5452 training questions; per-label counts from `cut -d' ' -f1 | sort | uniq -c`."""
+    path = shared_data / 'text' / 'trec' / 'train.txt'
+    examples = read_labelled(path, 'latin-1')
+    assert len(examples) == 5452 and all(len(texts) == 1 and texts[0] for texts, _ in examples)
+    assert Counter(label for _, label in examples) == {'0': 1162, '1': 1250, '2': 86, '3': 1223, '4': 835, '5': 896}
+    assert examples[0] == (('How did serfdom develop in and then leave Russia ?',), '0')
+    with pytest.raises(DataError, match=r'train\.txt: not valid utf-8 at byte 3173 \(0xf0\); pass --encoding latin-1'):
+        read_labelled(path)
+    assert len(read_labelled(shared_data / 'text' / 'trec' / 'test.txt')) == 500          # test.txt is plain ASCII/UTF-8
