@@ -139,7 +139,7 @@ def fill_recipe(cfg, preset):
 
 
 def load_encoder(cfg):
-    """(Data2Vec, its ModelConfig, tokenizer or None, preset). From a train.py checkpoint (student, or --use-teacher), or
+    """(ModelConfig, checkpoint dict or None, tokenizer or None, recipe preset). From a train.py checkpoint, or
     randomly initialised (--init scratch) with the preset's architecture."""
     tokenizer = None
     if cfg.init == 'scratch' and cfg.use_teacher:
