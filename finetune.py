@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from data import DataError
 from data.labelled import CTC_VOCAB, collate, load_data
-from data.text import load_tokenizer, load_tokenizer_file
+from data.text import read_tokenizer
 from model import Data2Vec, ModelConfig, trunc_normal_
 from train import PRESETS, knob, lr_at
 
@@ -167,11 +167,6 @@ def load_encoder(cfg):
     if cfg.modality == 'text':
         tokenizer = read_tokenizer(cfg.tokenizer or path.parent / 'tokenizer.json')
     return mcfg, ckpt, tokenizer, cfg.preset or {'large': 'base'}.get(saved['train']['preset'], saved['train']['preset'])
-
-
-def read_tokenizer(path):
-    path = Path(path)
-    return load_tokenizer(path / 'vocab.json', path / 'merges.txt') if path.is_dir() else load_tokenizer_file(path)
 
 
 def build_backbone(mcfg, ckpt, cfg):

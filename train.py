@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data import DataError
 from data.speech import MIN_SECONDS, SR, AudioFolder, SyntheticSpeech, crop_and_pad
-from data.text import (SPECIALS, SyntheticText, TokenBlocks, load_tokenizer, ordinary_ids, pack_blocks, read_corpus,
+from data.text import (SPECIALS, SyntheticText, TokenBlocks, ordinary_ids, pack_blocks, read_corpus, read_tokenizer,
                        tokenizer_cache_path, train_tokenizer)
 from data.vision import ImageFolder, SyntheticImages, augment
 from encoders import conv_output_length
@@ -48,7 +48,7 @@ class TrainConfig:
     data: str = knob('', 'speech: folder of .wav/.flac (LibriSpeech layout); vision: ImageFolder tree (<class>/<image>.png|jpg); '
                          'text: a .txt file or folder (a document per paragraph); empty: the embedded synthetic set')
     encoding: str = knob('utf-8', 'text: the encoding of --data files')
-    tokenizer: str = knob('', 'text: a folder with a GPT-2/RoBERTa vocab.json + merges.txt; empty: train a BPE on the corpus')
+    tokenizer: str = knob('', 'text: a GPT-2/RoBERTa vocab.json + merges.txt folder, or a tokenizer.json; empty: train a BPE')
     out: str = knob('', 'output folder (default runs/<modality>)')
     device: str = knob('auto', 'auto | cpu | cuda')
     compile: bool = knob(False, 'torch.compile the student and the teacher')
@@ -265,7 +265,7 @@ def make_dataset(mcfg, cfg):
     """The embedded synthetic set, or --data. Text: also the tokenizer, which sets mcfg.vocab_size."""
     if mcfg.modality == 'text':
         documents = read_corpus(cfg.data, cfg.encoding) if cfg.data else SyntheticText(seed=0).documents()
-        tokenizer = (load_tokenizer(Path(cfg.tokenizer) / 'vocab.json', Path(cfg.tokenizer) / 'merges.txt') if cfg.tokenizer else
+        tokenizer = (read_tokenizer(cfg.tokenizer) if cfg.tokenizer else
                      train_tokenizer(documents, mcfg.vocab_size, cfg.data and tokenizer_cache_path(cfg.data, mcfg.vocab_size)))
         mcfg.vocab_size, mcfg.pad_id = tokenizer.get_vocab_size(), tokenizer.token_to_id('<pad>')
         dataset = TokenBlocks(pack_blocks(documents, tokenizer, cfg.block_size))

@@ -344,6 +344,12 @@ def load_tokenizer_file(path):
         raise DataError(f'{path}: cannot read a tokenizer ({e})') from None
 
 
+def read_tokenizer(path):
+    """--tokenizer: a folder with vocab.json + merges.txt (load_tokenizer), or one tokenizer.json (load_tokenizer_file)."""
+    path = Path(path)
+    return load_tokenizer(path / 'vocab.json', path / 'merges.txt') if path.is_dir() else load_tokenizer_file(path)
+
+
 def ordinary_ids(tokenizer):
     """(lo, hi): the ids of ordinary tokens, which masking may pick and draw. The SPECIALS sit at the start
     (ours: 0–4), at the start and the end (RoBERTa: 0–3 and <mask> 50264) or at the end (GPT-2 + appended)."""
