@@ -100,7 +100,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description='data2vec fine-tuning and linear probes. Unset numbers come from the recipe (RECIPES).')
     for f in fields(FinetuneConfig):
         kw = dict(action=argparse.BooleanOptionalAction) if type(f.default) is bool else dict(type=type(f.default))
-        p.add_argument('--' + f.name.replace('_', '-'), default=f.default, help=f.metadata['help'], **kw)
+        p.add_argument('--' + f.name.replace('_', '-'), default=f.default, help=f.metadata['help'].replace('%', '%%'), **kw)
     cfg = FinetuneConfig(**vars(p.parse_args(argv)))
     cfg.task = cfg.task or ('ctc' if cfg.modality == 'speech' else 'classify')
     cfg.out = cfg.out or f'runs/finetune-{cfg.modality}'

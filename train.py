@@ -155,7 +155,8 @@ def parse_args(argv=None):
         base, tiny = presets['base'].get(f.name, f.default), presets['tiny'].get(f.name, f.default)
         shown = f'[base {base!r}' + (f', tiny {tiny!r}]' if tiny != base else ']')
         shown = '' if f.name in ('modality', 'preset', 'data', 'out', 'device', 'compile', 'seed') else shown
-        p.add_argument('--' + f.name.replace('_', '-'), default=None, help=f"{f.metadata.get('help', 'architecture')} {shown}", **kw)
+        text = f"{f.metadata.get('help', 'architecture')} {shown}".replace('%', '%%')   # argparse formats help with %
+        p.add_argument('--' + f.name.replace('_', '-'), default=None, help=text, **kw)
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = args.get('preset', 'tiny')
     if modality not in PRESETS:

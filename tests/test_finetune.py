@@ -487,3 +487,10 @@ def test_an_empty_label_file(tmp_path, fails):
 def test_use_teacher_needs_a_checkpoint(tmp_path, fails):
     status, err = fails('--modality', 'speech', '--init', 'scratch', '--use-teacher', '--out', str(tmp_path))
     assert_one_line_error(status, err, '--use-teacher', 'scratch')
+
+
+def test_help_lists_the_flags():
+    """finetune.py --help prints (help strings go through argparse's % formatting) and lists the recipe knobs."""
+    r = finetune_cli('--help')
+    assert r.returncode == 0, r.stderr
+    assert all(flag in r.stdout for flag in ('--init', '--labeled', '--linear-probe', '--use-teacher', '--layer-decay'))

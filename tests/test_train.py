@@ -241,3 +241,13 @@ def test_text_presets_are_the_papers():
     assert (cfg.warmup, cfg.hold, cfg.steps, cfg.batch_size, cfg.block_size) == (0.05, 0.8, 1_000_000, 256, 512)
     _, span = parse_args(['--modality', 'text', '--text-mask', 'span'])
     assert (span.mask_prob, span.mask_length) == (0.35, 4)                  # fairseq's released config
+
+
+@pytest.mark.parametrize('modality', ['speech', 'vision', 'text'])
+def test_help_lists_every_flag(modality):
+    """--help prints for every modality (a bare % in a help string once crashed argparse's formatter), flags included."""
+    r = run('--modality', modality, '--help')
+    assert r.returncode == 0, r.stderr
+    assert '--top-k' in r.stdout and '--mask-prob' in r.stdout
+    if modality == 'text':
+        assert '15%: 80% <mask>' in ' '.join(r.stdout.split())       # the % survives formatting
