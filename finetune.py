@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import DataError
+from checkpoint import (CheckpointError, StopSignal, check_writable, ignore_stop_signals, load, resume_changes, resume_hint,
+                        resume_log, rng_state, save, seed_all, set_rng_state, stop_agreed)
+from data import DataError, MicroBatches, batches
 from data.labelled import CTC_VOCAB, collate, load_data
 from data.text import read_tokenizer
 from model import Data2Vec, ModelConfig, trunc_normal_
@@ -75,6 +76,10 @@ class FinetuneConfig:
     crop: int = knob(16_000, 'speech classify: longest clip in samples (CTC never crops)')
     workers: int = knob(0, 'data-loader worker processes')
     log_every: int = knob(20, 'steps between log lines')
+    ckpt_every: int = knob(1000, 'steps between resumable checkpoints (--out/checkpoint.pt, removed once finetuned.pt is written)')
+    resume: bool = knob(False, 'continue an interrupted run from --out/checkpoint.pt exactly; without one, start')
+    max_bad_steps: int = knob(10, 'stop after this many consecutive updates skipped for a NaN/Inf loss or gradient')
+    strict_data: bool = knob(False, 'stop at the first unreadable sample instead of skipping it and logging its file')
 
 
 # Recipes. base: the papers' (reference.md: §1.3 wav2vec 2.0 base_100h CTC, §1.5 BEiT, §1.4 RoBERTa GLUE). tiny: CPU-sized.
@@ -110,6 +115,7 @@ def parse_args(argv=None):
                f'--task {cfg.task}: {cfg.modality} supports ' + ('ctc or classify' if cfg.modality == 'speech' else 'classify')),
               (cfg.preset in ('', 'tiny', 'base'), f'--preset {cfg.preset}: choose tiny or base'),
               (cfg.labeled >= 0 and 0 < cfg.holdout < 1, '--labeled must be ≥ 0 and --holdout in (0, 1)'),
+              (cfg.seed >= 0 and cfg.ckpt_every >= 1 and cfg.max_bad_steps >= 1, '--seed ≥ 0, --ckpt-every and --max-bad-steps ≥ 1'),
               (cfg.device in ('auto', 'cpu', 'cuda'), f'--device {cfg.device}: choose auto, cpu or cuda'),
               (not cfg.test_data or cfg.data, '--test-data needs --data')]
     for ok, msg in checks:
@@ -155,10 +161,10 @@ def load_encoder(cfg):
     if not path.is_file():
         raise DataError(f'--init {path}: no such file (a train.py checkpoint.pt, or scratch)')
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)   # tensors and plain types only: runs no code
+        ckpt = load(path)                                                 # weights_only: tensors and plain types, runs no code
         saved, mcfg, _ = ckpt['config'], ModelConfig(**ckpt['config']['model']), ckpt['student']
-    except Exception as e:
-        raise DataError(f'--init {path}: not a train.py checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})') from None
+    except (CheckpointError, KeyError, TypeError) as e:
+        raise DataError(f'--init {path}: not a train.py checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:300]})') from None
     if mcfg.modality != cfg.modality:
         raise DataError(f'--init {path}: a {mcfg.modality} checkpoint; --modality is {cfg.modality}')
     if cfg.image_size and cfg.image_size != mcfg.image_size:
@@ -317,9 +323,14 @@ def loss_fn(model, batch, cfg, label_smoothing):
 
 @torch.no_grad()
 def evaluate(model, loader, cfg, classes, device, autocast):
+    """Metrics over the held-out set; an unreadable example is left out (its error is printed), or stops the run (--strict-data)."""
     model.eval()
     refs, hyps = [], []
-    for batch in tqdm(loader, desc='evaluating', leave=False):
+    for batch, errors in tqdm(loader, desc='evaluating', leave=False):
+        for e in errors:
+            tqdm.write(f'left an unreadable held-out example out of the metrics: {e}')
+        if batch is None:
+            continue
         source, padding_mask, labels, lengths = (t.to(device) if t is not None else None for t in batch[:4])
         with autocast:
             logits, frame_padding = model(source, padding_mask)
@@ -332,15 +343,25 @@ def evaluate(model, loader, cfg, classes, device, autocast):
             refs += labels.tolist()
             hyps += logits.argmax(-1).tolist()
     if cfg.task == 'ctc':
-        return dict(wer=error_rate(refs, hyps, 'word'), cer=error_rate(refs, hyps, 'char')), list(zip(refs, hyps))[:3]
-    return classification_metrics(refs, hyps, len(classes)), []
+        return dict(wer=error_rate(refs, hyps, 'word'), cer=error_rate(refs, hyps, 'char')), list(zip(refs, hyps))[:3], len(refs)
+    return classification_metrics(refs, hyps, len(classes)), [], len(refs)
+
+
+# what a resumed run may change (checkpoint.resume_changes)
+RESUMABLE = ('steps', 'out', 'test_data', 'device', 'workers', 'log_every', 'ckpt_every', 'max_bad_steps', 'strict_data')
 
 
 def main(argv=None):
     cfg = parse_args(argv)
+    out, ckpt_path = Path(cfg.out), Path(cfg.out) / 'checkpoint.pt'
+    check_writable(out)                                                       # now, not after training
+    if ckpt_path.exists() and not cfg.resume:
+        raise CheckpointError(f'{ckpt_path} exists (an interrupted run): pass --resume to continue it, or another --out')
+    state = load(ckpt_path) if cfg.resume and ckpt_path.exists() else None
     mcfg, ckpt, tokenizer, preset = load_encoder(cfg)
     fill_recipe(cfg, preset)
-    torch.manual_seed(cfg.seed)
+    changes = resume_changes(state['config']['finetune'], asdict(cfg), RESUMABLE, ckpt_path) if state else []
+    seed_all(cfg.seed)
     cuda = cfg.device == 'cuda' or (cfg.device == 'auto' and torch.cuda.is_available())
     device = torch.device('cuda' if cuda else 'cpu')
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()   # CPU stays fp32
@@ -352,24 +373,47 @@ def main(argv=None):
     betas = (0.9, 0.999) if cfg.modality == 'vision' else (0.9, 0.98)
     optimizer = torch.optim.AdamW(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr, betas=betas,
                                   eps=1e-8, **(dict(fused=True) if cuda else dict(foreach=True)))
-
-    def loader(ds, train, generator=None):
-        batch = cfg.batch_size if train else 64
-        return DataLoader(ds, batch_size=batch, shuffle=train, drop_last=train and len(ds) >= batch, generator=generator,
-                          num_workers=cfg.workers, collate_fn=partial(collate, cfg=cfg, mcfg=mcfg, train=train, pad_id=mcfg.pad_id))
+    step, consumed, loop = 0, 0, dict(loss_sum=torch.zeros(()), skipped_updates=0, bad_samples=0, in_a_row=0)
+    if state and state['step'] > cfg.steps:
+        raise CheckpointError(f'--steps {cfg.steps}: {ckpt_path} is already at step {state["step"]}')
+    if state:
+        model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        step, consumed, loop = state['step'], state['data']['consumed'], state['loop']
+        set_rng_state(state['rng'], device)
+        print(f'resuming {ckpt_path} at step {step} of {cfg.steps}' + (f'; changed: {", ".join(changes)}' if changes else ''))
+    to_batch = partial(collate, cfg=cfg, mcfg=mcfg, pad_id=mcfg.pad_id)
+    data = batches(train_set, partial(to_batch, train=True), min(cfg.batch_size, len(train_set)), cfg.seed, workers=cfg.workers,
+                   pin=cuda, start=consumed, strict=cfg.strict_data, init_fn=ignore_stop_signals)
+    unreadable = getattr(train_set.base, 'unreadable', [])                  # left out at start-up
+    test_skipped = getattr(test_set.base, 'unreadable', []) if test_set.base is not train_set.base else []
 
     init = 'scratch' if ckpt is None else f'{cfg.init} ({"teacher" if cfg.use_teacher else "student"}, step {ckpt["step"]})'
     print(f'{cfg.modality} {cfg.task}{" (linear probe)" if cfg.linear_probe else ""} from {init}: {len(train_set)} labelled '
           f'training and {len(test_set)} held-out examples{f", {len(classes)} classes" if classes else ""}; '
           f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f} M trainable parameters')
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log, t0, step = open(out / 'log.jsonl', 'w'), time.time(), 0
-    data = loader(train_set, True, torch.Generator().manual_seed(cfg.seed))
-    pbar = tqdm(total=cfg.steps, desc='fine-tuning', dynamic_ncols=True)
-    loss_sum = torch.zeros((), device=device)
-    while step < cfg.steps:
-        for batch in data:
+    for what, errors in (('training', unreadable), ('held-out', test_skipped)):
+        if errors:
+            print(f'skipped {len(errors)} unreadable {what} files (--strict-data stops instead), e.g. {errors[0]}')
+    log, _ = resume_log(out / 'log.jsonl', step, state)
+    log.writelines(json.dumps(dict(step=0, event='bad sample', error=e)) + '\n' for e in ([] if state else unreadable))
+    loss_sum, skipped, in_a_row, t0 = loop['loss_sum'].to(device), loop['skipped_updates'], loop['in_a_row'], time.time()
+    bad = loop['bad_samples'] if state else len(unreadable)                  # start-up skips count too
+    last_ckpt = step if state else 0
+
+    def checkpoint_now():                                                     # the whole state, to resume exactly
+        save(ckpt_path, dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, classes=classes,
+                             config=dict(model=asdict(mcfg), finetune=asdict(cfg)), rng=rng_state(device),
+                             data=dict(consumed=consumed), loop=dict(loss_sum=loss_sum.cpu(), skipped_updates=skipped, bad_samples=bad,
+                                                                     in_a_row=in_a_row)))
+
+    with StopSignal() as stop, tqdm(total=cfg.steps, initial=step, desc='fine-tuning', dynamic_ncols=True) as pbar:
+        while step < cfg.steps:
+            batch, errors = next(data)                                        # errors: unreadable samples, replaced
+            consumed, bad = consumed + 1, bad + len(errors)
+            for e in errors:
+                log.write(json.dumps(dict(step=step + 1, event='bad sample', error=e)) + '\n')   # read for update step + 1
+                tqdm.write(f'skipped an unreadable sample (--strict-data stops instead): {e}')
             model.frozen = cfg.linear_probe or step < cfg.freeze_steps
             model.train()
             if cfg.linear_probe:
@@ -380,30 +424,52 @@ def main(argv=None):
             with autocast:
                 loss = loss_fn(model, batch, cfg, cfg.label_smoothing)
             loss.backward()
-            optimizer.step()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None], foreach=True)
+            applied = bool(torch.isfinite(torch.stack([norm, loss.detach().float()])).all())   # NaN/Inf: skip the update
+            if applied:
+                optimizer.step()
+                step, in_a_row, loss_sum = step + 1, 0, loss_sum + loss.detach()
+                pbar.update()
+            else:
+                skipped, in_a_row = skipped + 1, in_a_row + 1
+                log.write(json.dumps(dict(step=step + 1, event='skipped update', loss=loss.item(), grad_norm=norm.item(),
+                                          in_a_row=in_a_row, skipped_updates=skipped)) + '\n')
+                tqdm.write(f'update {step + 1}: loss {loss.item():.4g}, gradient norm {norm.item():.4g}: skipped ({in_a_row} in a row)')
             optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            step += 1
-            pbar.update()
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if applied and (step % cfg.log_every == 0 or step == cfg.steps):
                 n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-                rec = dict(step=step, loss=loss_sum.item() / n, lr=lr_at(step - 1, cfg), elapsed_s=time.time() - t0)
+                rec = dict(step=step, loss=loss_sum.item() / n, lr=lr_at(step - 1, cfg), skipped_updates=skipped,
+                           bad_samples=bad, elapsed_s=time.time() - t0)
                 loss_sum.zero_()
                 log.write(json.dumps(rec) + '\n')
-                log.flush()
                 pbar.set_postfix(loss=f'{rec["loss"]:.3f}')
-            if step == cfg.steps:
-                break
-    pbar.close()
+            log.flush()
+            if in_a_row >= cfg.max_bad_steps:
+                saved = f'{ckpt_path} is from step {last_ckpt}' if last_ckpt else 'no checkpoint was written'
+                raise SystemExit(f'stopped: {in_a_row} updates in a row had a NaN/Inf loss or gradient (--max-bad-steps '
+                                 f'{cfg.max_bad_steps}); {saved}. Lower --lr, or check the data (log.jsonl lists skipped samples).')
+            if applied and (step % cfg.ckpt_every == 0 or step == cfg.steps):   # the last one: evaluation may be killed
+                checkpoint_now()
+                last_ckpt = step
+            if stop_agreed(stop, device) and step < cfg.steps:                # SIGTERM/SIGINT: save at this step boundary
+                checkpoint_now()
+                pbar.close()
+                print(f'{stop.name}: saved {ckpt_path} at step {step} of {cfg.steps}. To continue: '
+                      f'{resume_hint("finetune.py", argv or sys.argv[1:])}', file=sys.stderr)
+                raise SystemExit(128 + stop.signum)
     log.close()
-    metrics, examples = evaluate(model, loader(test_set, False), cfg, classes, device, autocast)
+    save(out / 'finetuned.pt', dict(model=model.state_dict(), config=dict(model=asdict(mcfg), finetune=asdict(cfg)), classes=classes))
+    held_out = MicroBatches(test_set, [list(range(i, min(i + 64, len(test_set)))) for i in range(0, len(test_set), 64)],
+                            partial(to_batch, train=False), strict=cfg.strict_data, fill=False)   # no repeats in the metrics
+    metrics, examples, n_test = evaluate(model, torch.utils.data.DataLoader(held_out, batch_size=None, num_workers=cfg.workers),
+                                         cfg, classes, device, autocast)
     name = 'wer' if cfg.task == 'ctc' else 'accuracy'
     result = dict(modality=cfg.modality, task=cfg.task, metric=name, value=metrics[name], metrics=metrics, init=init,
-                  linear_probe=cfg.linear_probe, steps=cfg.steps, labeled=len(train_set), test_examples=len(test_set),
+                  linear_probe=cfg.linear_probe, steps=cfg.steps, labeled=len(train_set), test_examples=n_test,
+                  test_unreadable=len(test_set) - n_test + len(test_skipped), skipped_updates=skipped, bad_samples=bad,
                   seed=cfg.seed, config=asdict(cfg), seconds=time.time() - t0)
     (out / 'metrics.json').write_text(json.dumps(result, indent=2))
-    torch.save(dict(model=model.state_dict(), config=dict(model=asdict(mcfg), finetune=asdict(cfg)), classes=classes),
-               out / 'finetuned.pt')
+    ckpt_path.unlink(missing_ok=True)                                         # finished: finetuned.pt holds the result
     for ref, hyp in examples:
         print(f'  ref: {ref}\n  hyp: {hyp}')
     print(f'{cfg.modality} {cfg.task} | {name} {metrics[name]:.4f} | ' + ' '.join(f'{k} {v:.4f}' for k, v in metrics.items() if k != name)
@@ -414,5 +480,5 @@ def main(argv=None):
 if __name__ == '__main__':
     try:
         main()
-    except DataError as e:
+    except (DataError, CheckpointError) as e:
         sys.exit(f'finetune.py: error: {str(e).strip().splitlines()[-1].removeprefix("data.DataError: ")}')

@@ -7,10 +7,10 @@ Sections: config → data → the data2vec step → checkpoint and curves → ma
 Outputs in --out: config.json, log.jsonl, checkpoint.pt, curves.png.
 """
 import argparse
-import itertools
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import DataError
+from checkpoint import (CheckpointError, StopSignal, check_writable, gather, ignore_stop_signals, load, resume_changes, resume_hint,
+                        resume_log, rng_state, save, seed_all, set_rng_state, stop_agreed)
+from data import DataError, batches
 from data.speech import MIN_SECONDS, SR, AudioFolder, SyntheticSpeech, crop_and_pad
 from data.text import (SPECIALS, SyntheticText, TokenBlocks, ordinary_ids, pack_blocks, read_corpus, read_tokenizer,
                        tokenizer_cache_path, train_tokenizer)
@@ -91,6 +92,11 @@ class TrainConfig:
     workers: int = knob(4, 'data-loader worker processes')
     log_every: int = knob(200, 'steps between log lines')
     ckpt_every: int = knob(25_000, 'steps between checkpoints (one is always written at the end)')
+    # surviving failures (README, "Resuming and failures")
+    resume: bool = knob(False, 'continue from --out/checkpoint.pt exactly (weights, teacher, optimizer, step, RNG, data position); '
+                               'without one, start. Without --resume an existing checkpoint.pt is an error, never overwritten')
+    max_bad_steps: int = knob(10, 'stop after this many consecutive updates skipped for a NaN/Inf loss or gradient')
+    strict_data: bool = knob(False, 'stop at the first unreadable sample instead of skipping it and logging its file')
 
 
 # data2vec vision v1 (data2vec_vision/beit README command; paper where the two differ, README Deviations)
@@ -154,7 +160,7 @@ def parse_args(argv=None):
         kw = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
         base, tiny = presets['base'].get(f.name, f.default), presets['tiny'].get(f.name, f.default)
         shown = f'[base {base!r}' + (f', tiny {tiny!r}]' if tiny != base else ']')
-        shown = '' if f.name in ('modality', 'preset', 'data', 'out', 'device', 'compile', 'seed') else shown
+        shown = '' if f.name in ('modality', 'preset', 'data', 'out', 'device', 'compile', 'seed', 'resume', 'strict_data') else shown
         text = f"{f.metadata.get('help', 'architecture')} {shown}".replace('%', '%%')   # argparse formats help with %
         p.add_argument('--' + f.name.replace('_', '-'), default=None, help=text, **kw)
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
@@ -212,6 +218,8 @@ def check_config(mcfg, cfg, world=1):
         (mcfg.dim % mcfg.pos_conv_groups == 0, f'--dim {mcfg.dim} must be divisible by --pos-conv-groups {mcfg.pos_conv_groups}'),
         (all(0 <= p < 1 for p in (mcfg.dropout, mcfg.attn_dropout, mcfg.layerdrop)), 'dropouts must be in [0, 1)'),
         (cfg.workers >= 0, f'--workers {cfg.workers} must be ≥ 0'),
+        (cfg.seed >= 0, f'--seed {cfg.seed} must be ≥ 0'),
+        (cfg.max_bad_steps >= 1, f'--max-bad-steps {cfg.max_bad_steps} must be ≥ 1'),
     ]
     if mcfg.modality == 'text':
         checks += [
@@ -262,62 +270,45 @@ def lr_at(step, cfg):
 # -------------------------------------------------------------------------------------------- data
 
 
-def make_dataset(mcfg, cfg):
-    """The embedded synthetic set, or --data. Text: also the tokenizer, which sets mcfg.vocab_size."""
+def make_dataset(mcfg, cfg, tokenizer=''):
+    """The embedded synthetic set, or --data; files that cannot be read at start-up are listed in `unreadable` (or an
+    error, --strict-data). Text: also the tokenizer (`tokenizer`: a resumed run's), which sets mcfg.vocab_size."""
+    unreadable = None if cfg.strict_data else []
     if mcfg.modality == 'text':
-        documents = read_corpus(cfg.data, cfg.encoding) if cfg.data else SyntheticText(seed=0).documents()
-        tokenizer = (read_tokenizer(cfg.tokenizer) if cfg.tokenizer else
+        documents = read_corpus(cfg.data, cfg.encoding, unreadable) if cfg.data else SyntheticText(seed=0).documents()
+        tokenizer = (read_tokenizer(tokenizer or cfg.tokenizer) if tokenizer or cfg.tokenizer else
                      train_tokenizer(documents, mcfg.vocab_size, cfg.data and tokenizer_cache_path(cfg.data, mcfg.vocab_size)))
         mcfg.vocab_size, mcfg.pad_id = tokenizer.get_vocab_size(), tokenizer.token_to_id('<pad>')
         dataset = TokenBlocks(pack_blocks(documents, tokenizer, cfg.block_size))
         dataset.mask_id, dataset.ordinary = tokenizer.token_to_id('<mask>'), ordinary_ids(tokenizer)   # for collate
-        dataset.tokenizer = tokenizer                                  # saved to --out as tokenizer.json
+        dataset.tokenizer, dataset.unreadable = tokenizer, unreadable  # the tokenizer is saved to --out as tokenizer.json
         return dataset
     if mcfg.modality == 'vision':
-        return ImageFolder(cfg.data, min_size=mcfg.image_size) if cfg.data else SyntheticImages(seed=0, image_size=mcfg.image_size)
-    return AudioFolder(cfg.data, min_samples=int(MIN_SECONDS * SR)) if cfg.data else SyntheticSpeech(seed=0)
+        return (ImageFolder(cfg.data, min_size=mcfg.image_size, strict=cfg.strict_data) if cfg.data else
+                SyntheticImages(seed=0, image_size=mcfg.image_size))
+    return AudioFolder(cfg.data, min_samples=int(MIN_SECONDS * SR), strict=cfg.strict_data) if cfg.data else SyntheticSpeech(seed=0)
 
 
-def collate(items, mcfg, cfg, mask_id=None, ordinary=None):
-    """Items → source, padding_mask or None, mask (B, T) bool[, original], on the data-loader workers. speech: crops
-    padded to (B, S), span masks. vision: augmented images (B, 3, H, W), block masks (B, N) of round(mask_prob · N)
-    patches. text: masked blocks (B, T), the <mask> positions, and the original blocks for the teacher."""
+def collate(items, mcfg, cfg, mask_id=None, ordinary=None, generator=None):
+    """Items → source, padding_mask or None, mask (B, T) bool[, original], on the data-loader workers, every random
+    draw from `generator`. speech: crops padded to (B, S), span masks. vision: augmented images (B, 3, H, W), block
+    masks (B, N) of round(mask_prob · N) patches. text: masked blocks (B, T), the <mask> positions, and the original
+    blocks for the teacher."""
+    g = generator
     if mcfg.modality == 'text':
         original = torch.stack([block for block, _ in items])                   # (B, T)
         corrupt = (0.1, 0.1) if cfg.text_mask == 'bert' else (0.0, 0.0)          # random, kept
-        source, mask = token_mask(original, mask_id, ordinary, cfg.mask_prob, cfg.mask_length, *corrupt)
+        source, mask = token_mask(original, mask_id, ordinary, cfg.mask_prob, cfg.mask_length, *corrupt, generator=g)
         return source, None, mask, original
     if mcfg.modality == 'vision':
         grid, count = patch_mask_size(mcfg, cfg)
-        images = torch.stack([augment(image, mcfg.image_size, cfg.min_crop_scale) for image, _ in items])  # (B, 3, H, W)
-        return images, None, block_mask(len(items), (grid, grid), count, cfg.mask_length)
-    source, padding_mask = crop_and_pad([w for w, _ in items], cfg.crop)
+        images = torch.stack([augment(image, mcfg.image_size, cfg.min_crop_scale, g) for image, _ in items])  # (B, 3, H, W)
+        return images, None, block_mask(len(items), (grid, grid), count, cfg.mask_length, generator=g)
+    source, padding_mask = crop_and_pad([w for w, _ in items], cfg.crop, g)
     frames = conv_output_length((~padding_mask).sum(1))               # (B,) valid frames
-    mask = span_mask(frames, conv_output_length(source.shape[1]), cfg.mask_prob, cfg.mask_length)
+    mask = span_mask(frames, conv_output_length(source.shape[1]), cfg.mask_prob, cfg.mask_length, generator=g)
     return source, (padding_mask if padding_mask.any() else None), mask
 
-
-def batches(dataset, mcfg, cfg, rank, world, pin):
-    """Endless micro-batches of this rank's share of the data, reshuffled every epoch.
-
-    Where the dataset knows its lengths, each micro-batch takes utterances of similar length (fairseq
-    batches by size), so little is padded and the shared mask count stays near 49% of every row.
-    """
-    n = cfg.micro_batch_size
-    to_batch = partial(collate, mcfg=mcfg, cfg=cfg, mask_id=getattr(dataset, 'mask_id', None),
-                       ordinary=getattr(dataset, 'ordinary', None))
-    for epoch in itertools.count():
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)          # one order per epoch, the same on every rank
-        order = torch.randperm(len(dataset), generator=g)[rank::world]            # this rank's share
-        if getattr(dataset, 'lengths', None):
-            lengths = torch.tensor(dataset.lengths)
-            order = torch.cat([w[lengths[w].argsort()] for w in order.split(64 * n)])  # sort within windows of 64 batches
-        groups = order[:len(order) // n * n].view(-1, n)                          # (batches, n)
-        if len(groups) == 0:
-            raise DataError(f'{len(dataset)} samples are too few for --micro-batch-size {n} on {world} device(s)')
-        groups = groups[torch.randperm(len(groups), generator=g)]
-        yield from DataLoader(dataset, batch_sampler=groups.tolist(), collate_fn=to_batch, num_workers=cfg.workers,
-                              pin_memory=pin)
 
 # -------------------------------------------------------------------------------------------- the data2vec step
 
@@ -362,7 +353,9 @@ def unwrap(model):
 def train_step(model, teacher, optimizer, micro_batches, step, cfg, autocast):
     """One update: accumulate gradients over the micro-batches, clip, Adam step, then the EMA step.
 
-    Returns the loss and stats averaged over the micro-batches, as device tensors: nothing here waits for the GPU.
+    A NaN/Inf loss or gradient norm skips the Adam and EMA steps (under DDP if it happens on any rank): reading that
+    flag is the one host sync per update. Returns the loss and stats averaged over the micro-batches, as device
+    tensors, and whether the update was applied.
     """
     for group in optimizer.param_groups:
         group['lr'] = lr_at(step, cfg)
@@ -374,27 +367,31 @@ def train_step(model, teacher, optimizer, micro_batches, step, cfg, autocast):
         (loss / len(micro_batches)).backward()
         for k, v in dict(stats, loss=loss.detach()).items():
             total[k] = total.get(k, 0) + v / len(micro_batches)
-    if cfg.clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip, foreach=True)
-    optimizer.step()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    total['grad_norm'] = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip, foreach=True) if cfg.clip > 0 else
+                          torch.nn.utils.get_total_norm(grads, foreach=True))
+    finite = torch.isfinite(torch.stack([total['grad_norm'], total['loss']])).all().float()
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)                  # the loss is per rank; every rank must agree
+    applied = bool(finite)
+    if applied:
+        optimizer.step()
+        ema_update_(unwrap(teacher), unwrap(model).encoder, ema_decay_at(step + 1, cfg.ema_start, cfg.ema_end, cfg.ema_anneal_steps))
     optimizer.zero_grad(set_to_none=True)
-    ema_update_(unwrap(teacher), unwrap(model).encoder, ema_decay_at(step + 1, cfg.ema_start, cfg.ema_end, cfg.ema_anneal_steps))
-    return total
+    return total, applied
 
 # -------------------------------------------------------------------------------------------- checkpoint and curves
 
 
-def save_checkpoint(path, model, teacher, optimizer, step, mcfg, cfg):
-    """One dict of tensors and plain types, from the unwrapped modules; written to a temp file, then renamed."""
-    ckpt = dict(student=unwrap(model).state_dict(), teacher=unwrap(teacher).state_dict(), optimizer=optimizer.state_dict(),
-                step=step, config=dict(model=asdict(mcfg), train=asdict(cfg)),
-                rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'wb') as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# what a resumed run may change: where and how long it runs, not what it trains (checkpoint.resume_changes)
+RESUMABLE = ('steps', 'out', 'data', 'device', 'compile', 'workers', 'log_every', 'ckpt_every', 'max_bad_steps', 'strict_data')
+
+
+def save_checkpoint(path, model, teacher, optimizer, step, mcfg, cfg, rng, data, loop):
+    """One dict of tensors and plain types from the unwrapped modules, written atomically (checkpoint.save). Enough to
+    resume exactly: `rng` holds every rank's generators, `data` the micro-batches each rank drew, `loop` the log's sums."""
+    save(path, dict(student=unwrap(model).state_dict(), teacher=unwrap(teacher).state_dict(), optimizer=optimizer.state_dict(),
+                    step=step, config=dict(model=asdict(mcfg), train=asdict(cfg)), rng=rng, data=data, loop=loop))
 
 
 def plot_curves(records, path, warmup_steps):
@@ -439,23 +436,52 @@ def main(argv=None):
     master = rank == 0
     accum = cfg.batch_size // (cfg.micro_batch_size * world)           # the global batch does not depend on the GPU count
 
-    out = Path(cfg.out)
-    dataset = make_dataset(mcfg, cfg)                                  # first: a text tokenizer sets the vocabulary size
+    out, ckpt_path = Path(cfg.out), Path(cfg.out) / 'checkpoint.pt'
     if master:
-        out.mkdir(parents=True, exist_ok=True)
+        check_writable(out)                                            # now, not at the first save hours later
+    if ckpt_path.exists() and not cfg.resume:
+        raise CheckpointError(f'{ckpt_path} exists: pass --resume to continue that run, or another --out to start a new one')
+    ckpt = load(ckpt_path) if cfg.resume and ckpt_path.exists() else None
+    dataset = make_dataset(mcfg, cfg, out / 'tokenizer.json' if ckpt and mcfg.modality == 'text' and not cfg.tokenizer else '')
+    if ckpt:                                                           # after make_dataset: the tokenizer sets vocab_size
+        changes = resume_changes({**ckpt['config']['model'], **ckpt['config']['train']}, {**asdict(mcfg), **asdict(cfg)},
+                                 RESUMABLE, ckpt_path)
+    if master:
         (out / 'config.json').write_text(json.dumps(dict(model=asdict(mcfg), train=asdict(cfg)), indent=2))
-        if mcfg.modality == 'text':
+        if mcfg.modality == 'text' and not ckpt:
             dataset.tokenizer.save(str(out / 'tokenizer.json'))       # to turn the checkpoint's ids back into text
-    if master and getattr(dataset, 'skipped', None):
-        print(f'skipped {len(dataset.skipped)} files shorter than {MIN_SECONDS} s, e.g. {dataset.skipped[0]}')
-    data = batches(dataset, mcfg, cfg, rank, world, pin=cuda)
+        if getattr(dataset, 'skipped', None):
+            print(f'skipped {len(dataset.skipped)} files shorter than {MIN_SECONDS} s, e.g. {dataset.skipped[0]}')
+    unreadable = getattr(dataset, 'unreadable', None) or []
+    if master and unreadable:
+        print(f'skipped {len(unreadable)} unreadable files (--strict-data stops instead), e.g. {unreadable[0]}')
 
     torch.manual_seed(cfg.seed)                                        # the same initial weights on every rank
     model = Data2Vec(mcfg).to(device)
     teacher = make_teacher(model.encoder)
-    torch.manual_seed(cfg.seed + rank)                                 # different dropout, crops and masks on every rank
+    seed_all(cfg.seed + rank)                                          # different dropout on every rank
     optimizer = torch.optim.AdamW(param_groups(model, mcfg.modality), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay, **(dict(fused=True) if cuda else dict(foreach=True)))
+    step, consumed, loop = 0, 0, dict(loss_sum=[torch.zeros(())] * world, last_log=0, skipped_updates=0, bad_samples=0, in_a_row=0)
+    if ckpt:
+        if ckpt['step'] > cfg.steps:
+            raise CheckpointError(f'--steps {cfg.steps}: {ckpt_path} is already at step {ckpt["step"]}')
+        model.load_state_dict(ckpt['student'])
+        teacher.load_state_dict(ckpt['teacher'])                       # the fp32 EMA weights
+        optimizer.load_state_dict(ckpt['optimizer'])
+        step, loop, saved_world = ckpt['step'], ckpt['loop'], len(ckpt['rng'])
+        consumed = ckpt['data']['consumed'] * saved_world // world     # the same share of the data if the GPU count changed
+        if saved_world == world:
+            set_rng_state(ckpt['rng'][rank], device)
+        else:                                                          # every rank's running loss sum: their mean
+            loop['loss_sum'] = [sum(loop['loss_sum']) / saved_world] * world
+        if master:
+            print(f'resuming {ckpt_path} at step {step} of {cfg.steps}' + (f'; changed: {", ".join(changes)}' if changes else '')
+                  + ('' if saved_world == world else f'; it was written by {saved_world} processes, this run has {world}: the '
+                     'data position and random streams continue approximately, not exactly'))
+    to_batch = partial(collate, mcfg=mcfg, cfg=cfg, mask_id=getattr(dataset, 'mask_id', None), ordinary=getattr(dataset, 'ordinary', None))
+    data = batches(dataset, to_batch, cfg.micro_batch_size, cfg.seed, rank, world, cfg.workers, pin=cuda, start=consumed,
+                   strict=cfg.strict_data, init_fn=ignore_stop_signals)
     if master:
         print(f'torch {torch.__version__} on {device} × {world}; {len(dataset)} {mcfg.modality} samples '
               f'({cfg.data or "embedded synthetic set"}); batch {cfg.batch_size} = {cfg.micro_batch_size} × {accum} accumulation × {world}')
@@ -466,43 +492,97 @@ def main(argv=None):
     if ddp:
         model = DDP(model, device_ids=[device.index] if cuda else None)
 
-    records, loss_sum, last_log, last_ckpt, t0, t_start = [], torch.zeros((), device=device), 0, 0, time.time(), time.time()
+    log_file, records = resume_log(out / 'log.jsonl', step, ckpt) if master else (None, [])
+    loss_sum, last_log, last_ckpt = loop['loss_sum'][rank].to(device), loop['last_log'], step if ckpt else 0
+    skipped, bad, in_a_row, t0, t_start = loop['skipped_updates'], loop['bad_samples'], loop['in_a_row'], time.time(), time.time()
+    bad_new = list(unreadable) if master and not ckpt else []         # logged once, by rank 0
     warmup_steps = int(cfg.warmup * cfg.steps)
     guard_from = max(warmup_steps, 10)                # collapse guard: a fresh vision student predicts alike at every masked patch
-    log_file = open(out / 'log.jsonl', 'w') if master else None
-    pbar = tqdm(range(cfg.steps), disable=not master, desc='pretraining', dynamic_ncols=True)
-    for step in pbar:
-        micro = [[t.to(device, non_blocking=True) if t is not None else None for t in next(data)] for _ in range(accum)]
-        stats = train_step(model, teacher, optimizer, micro, step, cfg, autocast)
-        loss_sum += stats['loss']
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:           # the only host syncs, once per log interval
-            logged = torch.stack([loss_sum / (done - last_log), stats['target_var'], stats['pred_var']])
-            if ddp:
-                dist.all_reduce(logged, op=dist.ReduceOp.AVG)          # every rank takes the same collapse decision
-            loss_avg, target_var, pred_var = logged.tolist()
-            rec = dict(step=done, loss=loss_avg, lr=lr_at(step, cfg),
-                       ema_decay=ema_decay_at(done, cfg.ema_start, cfg.ema_end, cfg.ema_anneal_steps),
-                       target_var=target_var, pred_var=pred_var,
-                       samples_per_s=(done - last_log) * cfg.batch_size / (time.time() - t0), elapsed_s=time.time() - t_start)
-            loss_sum.zero_()
-            last_log, t0 = done, time.time()
-            records.append(rec)
-            if master:
-                log_file.write(json.dumps(rec) + '\n')
-                log_file.flush()
-                pbar.set_postfix(loss=f'{rec["loss"]:.3f}', tgt_std=f'{rec["target_var"]:.3f}', pred_std=f'{rec["pred_var"]:.3f}')
-            if done > guard_from and (rec['target_var'] < 0.1 or rec['pred_var'] < 0.01):
+
+    def log_bad_samples():                                             # every rank's unreadable samples, logged by rank 0
+        nonlocal bad, bad_new
+        errors, bad_new = sum(gather(bad_new), []), []
+        bad += len(errors)
+        if master:
+            log_file.writelines(json.dumps(dict(step=step, event='bad sample', error=e)) + '\n' for e in errors)
+            log_file.flush()
+
+    def checkpoint_now():                                              # every rank's RNG states and loss sums; rank 0 writes
+        log_bad_samples()
+        states, sums = gather(rng_state(device)), gather(loss_sum.cpu())
+        if master:
+            save_checkpoint(ckpt_path, model, teacher, optimizer, step, mcfg, cfg, states, dict(consumed=consumed),
+                            dict(loss_sum=sums, last_log=last_log, skipped_updates=skipped, bad_samples=bad, in_a_row=in_a_row))
+
+    bar = dict(total=cfg.steps, initial=step, disable=not master, desc='pretraining', dynamic_ncols=True)
+    with StopSignal() as stop, tqdm(**bar) as pbar:                   # the bar closes before an error's message
+        while step < cfg.steps:
+            micro = []
+            for _ in range(accum):
+                batch, errors = next(data)                             # errors: samples that could not be read, replaced
+                consumed, bad_new = consumed + 1, bad_new + errors
+                micro.append([t.to(device, non_blocking=True) if t is not None else None for t in batch])
+                for e in errors:
+                    tqdm.write(f'skipped an unreadable sample (--strict-data stops instead): {e}')
+            stats, applied = train_step(model, teacher, optimizer, micro, step, cfg, autocast)
+            if applied:
+                step, in_a_row = step + 1, 0
+                loss_sum += stats['loss']
+                pbar.update()
+            else:                                                      # every rank agrees: train_step all-reduces the flag
+                skipped, in_a_row = skipped + 1, in_a_row + 1
+                event = dict(step=step + 1, event='skipped update', loss=stats['loss'].item(), grad_norm=stats['grad_norm'].item(),
+                             in_a_row=in_a_row, skipped_updates=skipped)
                 if master:
-                    plot_curves(records, out / 'curves.png', warmup_steps)
-                saved = f'{out / "checkpoint.pt"} is from step {last_ckpt}' if last_ckpt else 'no checkpoint was written yet'
-                raise SystemExit(f'collapse at step {done}: target std {rec["target_var"]:.4f} (min 0.1), prediction std '
-                                 f'{rec["pred_var"]:.4f} (min 0.01). The paper lists too high a learning rate, too short a '
-                                 f'warm-up and too low a τ as causes; {saved}.')
-        if master and (done % cfg.ckpt_every == 0 or done == cfg.steps):
-            save_checkpoint(out / 'checkpoint.pt', model, teacher, optimizer, done, mcfg, cfg)
-            last_ckpt = done
-    if master:
+                    tqdm.write(f'update {step + 1}: loss {event["loss"]:.4g}, gradient norm {event["grad_norm"]:.4g}: skipped, '
+                               f'no Adam or EMA step ({in_a_row} in a row, --max-bad-steps {cfg.max_bad_steps})')
+                    log_file.write(json.dumps(event) + '\n')
+                    log_file.flush()
+            log_now = applied and (step % cfg.log_every == 0 or step == cfg.steps)
+            if log_now or in_a_row >= cfg.max_bad_steps:               # bad samples of every rank reach the log here
+                log_bad_samples()
+            if log_now:                                                # the only other host syncs, once per log interval
+                logged = torch.stack([loss_sum / (step - last_log), stats['target_var'], stats['pred_var']])
+                if ddp:
+                    dist.all_reduce(logged, op=dist.ReduceOp.AVG)      # every rank takes the same collapse decision
+                loss_avg, target_var, pred_var = logged.tolist()
+                rec = dict(step=step, loss=loss_avg, lr=lr_at(step - 1, cfg),
+                           ema_decay=ema_decay_at(step, cfg.ema_start, cfg.ema_end, cfg.ema_anneal_steps),
+                           target_var=target_var, pred_var=pred_var, skipped_updates=skipped, bad_samples=bad,
+                           samples_per_s=(step - last_log) * cfg.batch_size / (time.time() - t0), elapsed_s=time.time() - t_start)
+                loss_sum.zero_()
+                last_log, t0 = step, time.time()
+                records.append(rec)
+                if master:
+                    log_file.write(json.dumps(rec) + '\n')
+                    log_file.flush()
+                    pbar.set_postfix(loss=f'{rec["loss"]:.3f}', tgt_std=f'{rec["target_var"]:.3f}', pred_std=f'{rec["pred_var"]:.3f}')
+                if step > guard_from and (rec['target_var'] < 0.1 or rec['pred_var'] < 0.01):
+                    if master:
+                        plot_curves(records, out / 'curves.png', warmup_steps)
+                    saved = f'{ckpt_path} is from step {last_ckpt}' if last_ckpt else 'no checkpoint was written yet'
+                    raise SystemExit(f'collapse at step {step}: target std {rec["target_var"]:.4f} (min 0.1), prediction std '
+                                     f'{rec["pred_var"]:.4f} (min 0.01). The paper lists too high a learning rate, too short a '
+                                     f'warm-up and too low a τ as causes; {saved}.')
+            if in_a_row >= cfg.max_bad_steps:
+                log_file and log_file.flush()
+                saved = f'{ckpt_path} is from step {last_ckpt}, the last good one' if last_ckpt else 'no checkpoint was written yet'
+                raise SystemExit(f'stopped: {in_a_row} updates in a row had a NaN/Inf loss or gradient (--max-bad-steps '
+                                 f'{cfg.max_bad_steps}); {saved}. Lower --lr, raise --warmup, or check the data (log.jsonl '
+                                 'lists skipped samples).')
+            if applied and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+                checkpoint_now()
+                last_ckpt = step
+            if stop_agreed(stop, device) and step < cfg.steps:         # SIGTERM/SIGINT: save at this step boundary
+                if last_ckpt != step:
+                    checkpoint_now()
+                pbar.close()
+                if master:
+                    log_file.close()
+                    print(f'{stop.name or "a signal on another rank"}: saved {ckpt_path} at step {step} of {cfg.steps}. '
+                          f'To continue: {resume_hint("train.py", argv or sys.argv[1:])}', file=sys.stderr)
+                raise SystemExit(128 + (stop.signum if stop.name else signal.SIGTERM))
+    if master and records:
         log_file.close()
         plot_curves(records, out / 'curves.png', warmup_steps)
         first, last = records[0], records[-1]
@@ -516,6 +596,6 @@ def main(argv=None):
 if __name__ == '__main__':
     try:
         main()
-    except DataError as e:                                             # bad data: one line naming the file, no traceback
+    except (DataError, CheckpointError) as e:                          # one line naming the file, no traceback
         line = str(e).strip().splitlines()[-1]                         # from a loader worker, the message ends with the original
         sys.exit(f'train.py: error: {line.removeprefix("data.DataError: ")}')

@@ -47,12 +47,12 @@ class Examples(torch.utils.data.Dataset):
 def labelled_set(path, cfg, mcfg, tokenizer):
     """(dataset of (input, label or transcript), targets: class names or transcript ids) for a --data/--test-data path."""
     if cfg.modality == 'vision':
-        ds = ImageFolder(path)                                    # smaller images are resized up
+        ds = ImageFolder(path, strict=cfg.strict_data)            # smaller images are resized up
         return ds, [ds.classes[label] for _, label in ds.samples]
     if cfg.modality == 'text':
         examples = read_labelled(path, cfg.encoding)
         return [(texts, label) for texts, label in examples], [label for _, label in examples]
-    ds = AudioFolder(path, min_samples=int(MIN_SECONDS * SR))
+    ds = AudioFolder(path, min_samples=int(MIN_SECONDS * SR), strict=cfg.strict_data)
     if cfg.task == 'classify':
         return ds, [f.parent.name for f in ds.files]
     missing = [f for f in ds.files if f.stem not in ds.transcripts]
@@ -144,17 +144,18 @@ def encode_texts(examples, tokenizer, max_tokens):
     return out
 
 
-def collate(items, cfg, mcfg, train, pad_id=1):
-    """→ (source, padding_mask or None, targets, target lengths or None, time mask, channel mask)."""
+def collate(items, cfg, mcfg, train, pad_id=1, generator=None):
+    """→ (source, padding_mask or None, targets, target lengths or None, time mask, channel mask); random draws from `generator`."""
+    g = generator
     inputs, targets = [x for x, _ in items], [y for _, y in items]
     none = (None, None)
     if cfg.modality == 'vision':
-        images = [augment(x, mcfg.image_size, 0.35) if train else resize(x, mcfg.image_size) for x in inputs]
+        images = [augment(x, mcfg.image_size, 0.35, g) if train else resize(x, mcfg.image_size) for x in inputs]
         return (torch.stack(images), None, torch.tensor(targets), None) + none     # (B, 3, H, W)
     if cfg.modality == 'text':
         source = pad_sequence(inputs, batch_first=True, padding_value=pad_id)  # (B, T)
         return (source, None, torch.tensor(targets), None) + none
-    source, padding_mask = crop_and_pad(inputs, cfg.crop if cfg.task == 'classify' and train else 10 ** 9)  # (B, S)
+    source, padding_mask = crop_and_pad(inputs, cfg.crop if cfg.task == 'classify' and train else 10 ** 9, g)  # (B, S)
     if cfg.task == 'ctc':                                          # embedded speech: transcripts as text
         targets = [encode_transcript(t, 'embedded speech') if isinstance(t, str) else t for t in targets]
         labels, lengths = torch.tensor([c for t in targets for c in t]), torch.tensor([len(t) for t in targets])
@@ -163,9 +164,10 @@ def collate(items, cfg, mcfg, train, pad_id=1):
     time_mask = channel_mask = None
     if train and cfg.mask_prob > 0:
         frames = conv_output_length((~padding_mask).sum(1))                      # (B,)
-        time_mask = span_mask(frames, conv_output_length(source.shape[1]), cfg.mask_prob, cfg.mask_length)  # (B, T)
+        time_mask = span_mask(frames, conv_output_length(source.shape[1]), cfg.mask_prob, cfg.mask_length, generator=g)  # (B, T)
     if train and cfg.mask_channel_prob > 0:
-        channel_mask = span_mask(torch.full((len(items),), mcfg.dim), mcfg.dim, cfg.mask_channel_prob, cfg.mask_channel_length)  # (B, D)
+        channel_mask = span_mask(torch.full((len(items),), mcfg.dim), mcfg.dim, cfg.mask_channel_prob, cfg.mask_channel_length,
+                                 generator=g)  # (B, D)
     return source, padding_mask if padding_mask.any() else None, labels, lengths, time_mask, channel_mask
 
 

@@ -181,11 +181,11 @@ class AudioFolder(torch.utils.data.Dataset):
     """Every .wav/.flac under root (sorted), with transcripts from LibriSpeech-style `*.trans.txt` files
 
     ('<utterance id> <TEXT>' per line, id = file stem); '' where there is none. `lengths` (in samples at
-    `sample_rate`) come from the file headers at start-up, so unreadable headers fail before training.
-    Files shorter than `min_samples` are left out and listed in `skipped`.
+    `sample_rate`) come from the file headers at start-up. Files shorter than `min_samples` are left out and listed in
+    `skipped`; a file whose header cannot be read is an error (`strict`) or left out with its error in `unreadable`.
     """
 
-    def __init__(self, root, sample_rate=SR, min_samples=0):
+    def __init__(self, root, sample_rate=SR, min_samples=0, strict=True):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f'--data {root}: no such directory')
@@ -193,8 +193,16 @@ class AudioFolder(torch.utils.data.Dataset):
         if not self.files:
             raise DataError(f'--data {root}: no .wav or .flac files under it')
         self.sample_rate = sample_rate
-        lengths = [self._length(p) for p in tqdm(self.files, desc='reading audio headers', disable=len(self.files) < 2000)]
-        self.skipped = [p for p, n in zip(self.files, lengths) if n < min_samples]
+        lengths, self.unreadable = [], []
+        for p in tqdm(self.files, desc='reading audio headers', disable=len(self.files) < 2000):
+            try:
+                lengths.append(self._length(p))
+            except DataError as e:
+                if strict or len(self.unreadable) + 1 == len(self.files):       # the last file too: nothing to train on
+                    raise
+                lengths.append(-1)
+                self.unreadable.append(str(e))
+        self.skipped = [p for p, n in zip(self.files, lengths) if 0 <= n < min_samples]
         kept = [(p, n) for p, n in zip(self.files, lengths) if n >= min_samples]
         if not kept:
             raise DataError(f'--data {root}: every audio file is shorter than {min_samples} samples')

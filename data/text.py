@@ -206,10 +206,11 @@ def _paragraphs(path, encoding):
     return [p for p in (p.strip() for p in re.split(r'\n\s*\n', _read_text(path, encoding))) if p]
 
 
-def read_corpus(path, encoding='utf-8'):
+def read_corpus(path, encoding='utf-8', unreadable=None):
     """Documents (list of str) from a text file or every .txt under a folder (recursive, sorted): one document per
     blank-line-separated paragraph. A byte that does not decode in `encoding` is an error naming the file and its
-    offset, not a silent replacement character."""
+    offset, not a silent replacement character; given a list `unreadable`, such files are left out and their errors
+    appended to it instead (unless no file is left)."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob('*.txt') if p.is_file())
@@ -219,8 +220,15 @@ def read_corpus(path, encoding='utf-8'):
         files = [path]
     else:
         raise DataError(f'--data {path}: no such file or directory')
-    return [p for f in tqdm(files, desc='reading text', disable=len(files) < 1000, leave=False)
-            for p in _paragraphs(f, encoding)]
+    documents = []
+    for k, f in enumerate(tqdm(files, desc='reading text', disable=len(files) < 1000, leave=False)):
+        try:
+            documents += _paragraphs(f, encoding)
+        except DataError as e:
+            if unreadable is None or (k == len(files) - 1 and not documents):   # strict, or nothing readable
+                raise
+            unreadable.append(str(e))
+    return documents
 
 
 GLUE_COLUMNS = (('sentence1', 'sentence2'), ('question1', 'question2'), ('question', 'sentence'), ('premise', 'hypothesis'),

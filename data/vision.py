@@ -150,11 +150,12 @@ class ImageFolder(torch.utils.data.Dataset):
     """The torchvision layout root/<class>/<image files> (.png/.jpg/.jpeg, searched recursively, sorted).
 
     `classes` are the sorted class-folder names, `samples` the (path, label) pairs. Every file's header is read
-    at start-up (size only, no pixels decoded), so unreadable files and images smaller than `min_size` (the
-    training crop) fail before training, not hours into it. Returns (uint8 (3, H, W) RGB, label).
+    at start-up (size only, no pixels decoded), so images smaller than `min_size` (the training crop) fail before
+    training, not hours into it, and so do unreadable files (`strict`), or they are left out with their errors in
+    `unreadable`. Returns (uint8 (3, H, W) RGB, label).
     """
 
-    def __init__(self, root, min_size=0):
+    def __init__(self, root, min_size=0, strict=True):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f'--data {root}: no such directory')
@@ -167,15 +168,20 @@ class ImageFolder(torch.utils.data.Dataset):
             if not files[d]:
                 raise DataError(f'{d}: no images ({"/".join(IMAGE_EXTENSIONS)}) in this class folder')
         self.classes = [d.name for d in folders]
-        self.samples = [(p, label) for label, d in enumerate(folders) for p in files[d]]
-        for path, _ in tqdm(self.samples, desc='reading image headers', disable=len(self.samples) < 1000, leave=False):
+        samples = [(p, label) for label, d in enumerate(folders) for p in files[d]]
+        self.samples, self.unreadable = [], []
+        for path, label in tqdm(samples, desc='reading image headers', disable=len(samples) < 1000, leave=False):
             try:
                 with Image.open(path) as im:                             # lazy: reads the header only
                     w, h = im.size
             except Exception as e:                         # (Pillow's UnidentifiedImageError repeats the path)
                 why = ('the file is empty' if path.stat().st_size == 0 else 'not an image Pillow can identify'
                        if isinstance(e, Image.UnidentifiedImageError) else f'{type(e).__name__}: {e}')
-                raise DataError(f'{path}: cannot read image ({why})') from None
+                if strict or len(self.unreadable) + 1 == len(samples):      # the last file too: nothing to train on
+                    raise DataError(f'{path}: cannot read image ({why})') from None
+                self.unreadable.append(f'{path}: cannot read image ({why})')
+                continue
+            self.samples.append((path, label))
             if min(w, h) < min_size:
                 raise DataError(f'{path}: the image is {w}×{h}, smaller than the {min_size}×{min_size} crop '
                                 f'(--image-size {min_size}); use a smaller --image-size or drop the file')

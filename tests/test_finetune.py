@@ -78,7 +78,7 @@ def test_evaluation_scores_a_perfect_ctc_model_zero():
             return 10 * torch.nn.functional.one_hot(torch.tensor([path]), len(CTC_VOCAB)).float(), None
 
     batch = (torch.zeros(1, 16_000), None, torch.tensor(transcript), torch.tensor([len(transcript)]))
-    metrics, examples = finetune.evaluate(Perfect(), [batch], types.SimpleNamespace(task='ctc'), None, 'cpu', nullcontext())
+    metrics, examples, n = finetune.evaluate(Perfect(), [(batch, [])], types.SimpleNamespace(task='ctc'), None, 'cpu', nullcontext())
     assert examples == [('HELLO ALL', 'HELLO ALL')]
     assert metrics == dict(wer=0.0, cer=0.0)
 

@@ -1,0 +1,197 @@
+"""Checkpoints and surviving failures, shared by train.py and finetune.py (README, "Resuming and failures").
+
+    save(path, ckpt)          temp file in the same folder → fsync → os.replace: a kill mid-save leaves the previous file
+    load(path)                torch.load(weights_only=True): tensors and plain types only, so a malicious pickle runs no code
+    rng_state, set_rng_state  python, numpy, torch and CUDA generators, as tensors and ints
+    check_writable(out)       at start-up, not at the first save hours later
+    resume_changes            a stored config against this run's: an error for what may not change, a note for the rest
+    resume_log                log.jsonl kept up to the checkpoint's step, then appended to
+    StopSignal, stop_agreed   SIGTERM (preemption) or SIGINT (Ctrl-C) → a flag every rank reads at the next step boundary
+"""
+import atexit
+import json
+import multiprocessing
+import os
+import pickle
+import random
+import shlex
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written, read or resumed; the message names the file and what to do."""
+
+
+def _tensors(obj, prefix=''):
+    """(name, tensor) for every tensor in nested dicts, lists and tuples."""
+    if torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f'{prefix}.{k}' if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f'{prefix}.{i}')
+
+
+def save(path, ckpt):
+    """Write `ckpt` (tensors and plain types) to `path` atomically. A NaN/Inf tensor is refused, so no checkpoint ever holds one."""
+    path = Path(path)
+    for name, t in _tensors(ckpt):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f'{path}: not written, {name} holds NaN/Inf; the previous checkpoint is kept')
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'wb') as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())                                       # the bytes are on disk before the rename
+    os.replace(tmp, path)                                          # atomic: readers see the old file or the new one
+    if hasattr(os, 'O_DIRECTORY'):
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)    # and so is the rename itself
+        os.fsync(fd)
+        os.close(fd)
+
+
+def load(path):
+    """The checkpoint dict, unpickled with weights_only=True: anything but tensors and plain Python types is refused."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f'{path}: refused to load: it holds Python objects other than tensors and plain types, and '
+                              f'unpickling them could run code (torch.load weights_only=True: {str(e).splitlines()[0][:160]})') from None
+    except Exception as e:                                         # truncated zip, not a torch file, unreadable
+        raise CheckpointError(f'{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})') from None
+
+
+def rng_state(device=None):
+    """Every random generator a run draws from: python's, numpy's, torch's CPU one and the CUDA one of `device`."""
+    version, keys, gauss = random.getstate()
+    _, np_keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(python=dict(version=version, keys=torch.tensor(keys), gauss=gauss),
+                numpy=dict(keys=torch.from_numpy(np_keys.astype(np.int64)), pos=pos, has_gauss=has_gauss, cached=cached),
+                torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state(device) if device is not None and device.type == 'cuda' else None)
+
+
+def set_rng_state(state, device=None):
+    p, n = state['python'], state['numpy']
+    random.setstate((p['version'], tuple(p['keys'].tolist()), p['gauss']))
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached']))
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] is not None and device is not None and device.type == 'cuda':
+        torch.cuda.set_rng_state(state['cuda'], device)
+
+
+def check_writable(out):
+    """Create `out` and write a file there now: a read-only or missing mount fails at start-up, not at the first save."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f'.write-test-{os.getpid()}'
+        probe.write_bytes(b'ok')
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f'--out {out}: cannot write there ({e.strerror or e}); choose another --out') from None
+
+
+def resume_changes(saved, current, allowed, path):
+    """Compare a checkpoint's flat config with this run's. A difference in a key outside `allowed` is an error listing
+    every such key; the allowed ones come back as 'key old → new' notes to print."""
+    changed = {k: (saved.get(k), v) for k, v in current.items() if k != 'resume' and saved.get(k) != v}
+    fixed = [f'{k} {a!r} → {b!r}' for k, (a, b) in changed.items() if k not in allowed]
+    if fixed:
+        raise CheckpointError(f'--resume: {path} was written with other settings: {"; ".join(fixed)}. Rerun with its '
+                              f'settings (only {", ".join(sorted(allowed))} may change), or start a new run in another --out')
+    return [f'{k} {a!r} → {b!r}' for k, (a, b) in changed.items()]
+
+
+def resume_log(path, step, resume):
+    """log.jsonl opened for appending, and its metric records (no 'event' key). On resume, the lines after the
+    checkpoint's `step` are dropped (the run redoes those steps) by an atomic rewrite; otherwise the file starts empty."""
+    path = Path(path)
+    kept = []
+    for line in path.read_text().splitlines() if resume and path.exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:                                         # a line torn by a kill or a power loss
+            continue
+        if record['step'] <= step:
+            kept.append(record)
+    path.with_name(path.name + '.tmp').write_text(''.join(json.dumps(r) + '\n' for r in kept))
+    os.replace(path.with_name(path.name + '.tmp'), path)
+    return open(path, 'a'), [r for r in kept if 'event' not in r]
+
+
+def gather(obj):
+    """Every rank's `obj`, in rank order; [obj] without torch.distributed."""
+    if not dist.is_initialized():
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def resume_hint(script, argv):
+    """The command that continues this run: its own flags plus --resume (under torchrun, with its process count)."""
+    launcher = f"torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']}" if 'LOCAL_WORLD_SIZE' in os.environ else 'python'
+    return ' '.join([launcher, script, *map(shlex.quote, [a for a in argv if a != '--resume']), '--resume'])
+
+
+class StopSignal:
+    """Inside `with StopSignal() as stop:`, SIGTERM or SIGINT sets `stop.name` instead of killing the process; the loop
+    saves a checkpoint at the next step boundary and exits. A second Ctrl-C stops at once (SIGINT's previous handler
+    returns); repeated SIGTERMs do not (torchrun sends its workers two), the scheduler's own SIGKILL deadline does."""
+
+    def __enter__(self):
+        self.name = self.signum = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.name is None:
+            self.name, self.signum = signal.Signals(signum).name, signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self.previous[signal.SIGINT])
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def stop_agreed(stop, device):
+    """Whether a signal reached any rank. All ranks must save and stop at the same step boundary, so under DDP this is
+    one tiny all-reduce per update (and a host sync); on one process it reads the flag."""
+    if not dist.is_initialized():
+        return stop.name is not None
+    flag = torch.tensor(float(stop.name is not None), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader worker_init_fn. A scheduler's SIGTERM often reaches every process, and Ctrl-C's SIGINT the whole
+    process group; a loader worker ignores both and keeps serving batches while the main process finishes its update,
+    saves and exits. The main process then ends its workers with SIGKILL (below): multiprocessing's own exit would
+    SIGTERM them, which they ignore, and wait for ever."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@atexit.register                        # registered after multiprocessing's exit hook, so it runs before it
+def _end_loader_workers():
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)          # else torch's handler reports these kills as worker failures
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join()
+
+
+def seed_all(seed):
+    """python's, numpy's and torch's global generators (the checkpoint saves all three)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
