@@ -279,17 +279,18 @@ def test_micro_batch_draws_depend_only_on_seed_epoch_rank_and_index():
 
 # ---------------------------------------------------------------------------------------------- train.py
 def test_speech_pretraining_skips_a_truncated_wav_and_flac_in_a_loader_worker(tmp_path):
-    """A folder of 1 s .wav clips plus a .wav whose data chunk was cut in half (its header intact) and, where
-    ../shared/data is present, a real LJSpeech .flac cut at half its bytes. The folder holds 8 files and a micro-batch
+    """A folder of 1 s .wav clips plus a .wav whose data chunk was cut in half (its header intact) and a .flac cut at
+    half its bytes (a real LJSpeech one where ../shared/data is present, else one written here). The folder holds 8 files and a micro-batch
     4 (--workers 1: the reads fail inside a loader worker), so 2 steps read every file exactly once. The run finishes;
     log.jsonl has one `bad sample` event per bad file and none for a good one; the last metric line's bad_samples is
     that count; checkpoint.pt is written. With --strict-data the same folder stops in one line naming a bad file."""
     data = tmp_path / 'data'
     flacs = sorted((SHARED_DATA / LJ).rglob('*.flac'))[:1] if (SHARED_DATA / LJ).is_dir() else []
-    bad = [truncate_wav(write_wav(data / 'cut.wav', seed=99))]
-    for src in flacs:
-        bad.append(data / 'cut.flac')
-        bad[-1].write_bytes(src.read_bytes()[:len(src.read_bytes()) // 2])
+    bad = [truncate_wav(write_wav(data / 'cut.wav', seed=99)), data / 'cut.flac']
+    if not flacs:                                           # no real one here: a 1 s FLAC of noise, written by libsndfile
+        flacs = [tmp_path / 'whole.flac']
+        sf.write(flacs[0], (0.1 * np.random.default_rng(7).standard_normal(16_000)).astype(np.float32), 16_000)
+    bad[1].write_bytes(flacs[0].read_bytes()[:len(flacs[0].read_bytes()) // 2])
     good = [write_wav(data / f'{i}.wav', seed=i) for i in range(8 - len(bad))]
     out = tmp_path / 'out'
     r = cli('train.py', '--data', str(data), '--out', str(out), '--steps', '2', '--log-every', '1', '--batch-size', '4',
