@@ -2,11 +2,13 @@
 
     save(path, ckpt)          temp file in the same folder → fsync → os.replace: a kill mid-save leaves the previous file
     load(path)                torch.load(weights_only=True): tensors and plain types only, so a malicious pickle runs no code
+    open_checkpoint           the run's checkpoint.pt with --resume; without it, an existing one is an error, never overwritten
     rng_state, set_rng_state  python, numpy, torch and CUDA generators, as tensors and ints
     check_writable(out)       at start-up, not at the first save hours later
     resume_changes            a stored config against this run's: an error for what may not change, a note for the rest
     resume_log                log.jsonl kept up to the checkpoint's step, then appended to
     StopSignal, stop_agreed   SIGTERM (preemption) or SIGINT (Ctrl-C) → a flag every rank reads at the next step boundary
+    update_is_finite          a NaN/Inf loss or gradient norm on any rank skips the update; skipped_update, too_many_bad_steps
 """
 import atexit
 import json
@@ -66,6 +68,14 @@ def load(path):
                               f'unpickling them could run code (torch.load weights_only=True: {str(e).splitlines()[0][:160]})') from None
     except Exception as e:                                         # truncated zip, not a torch file, unreadable
         raise CheckpointError(f'{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})') from None
+
+
+def open_checkpoint(path, resume):
+    """The checkpoint at `path` to resume from, or None to start. Without --resume an existing file is an error: a
+    rerun of the same command must not overwrite hours of training."""
+    if Path(path).exists() and not resume:
+        raise CheckpointError(f'{path} exists: pass --resume to continue that run, or another --out to start a new one')
+    return load(path) if resume and Path(path).exists() else None
 
 
 def rng_state(device=None):
@@ -171,6 +181,30 @@ def stop_agreed(stop, device):
     flag = torch.tensor(float(stop.name is not None), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag)
+
+
+def update_is_finite(loss, grad_norm):
+    """Whether an update may be applied: its loss and gradient norm are finite, on every rank under DDP (the loss is
+    per rank, and every rank must take the same decision). Reading the flag is a host sync, once per update."""
+    finite = torch.isfinite(torch.stack([grad_norm.float(), loss.detach().float()])).all().float()
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
+
+
+def skipped_update(update, loss, grad_norm, in_a_row, skipped, max_bad_steps):
+    """The log event and the message for an update skipped for a NaN/Inf loss or gradient norm."""
+    event = dict(step=update, event='skipped update', loss=loss.item(), grad_norm=grad_norm.item(), in_a_row=in_a_row,
+                 skipped_updates=skipped)
+    return event, (f'update {update}: loss {event["loss"]:.4g}, gradient norm {event["grad_norm"]:.4g}: skipped, no optimizer '
+                   f'or EMA step ({in_a_row} in a row, --max-bad-steps {max_bad_steps})')
+
+
+def too_many_bad_steps(in_a_row, max_bad_steps, path, last_ckpt):
+    """The exit after --max-bad-steps skipped updates in a row: what happened, which checkpoint is good, what to try."""
+    saved = f'{path} is from step {last_ckpt}, the last good one' if last_ckpt else 'no checkpoint was written yet'
+    return SystemExit(f'stopped: {in_a_row} updates in a row had a NaN/Inf loss or gradient (--max-bad-steps {max_bad_steps}); '
+                      f'{saved}. Lower --lr, raise --warmup, or check the data (log.jsonl lists skipped samples).')
 
 
 def ignore_stop_signals(worker_id):

@@ -25,13 +25,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, StopSignal, check_writable, ignore_stop_signals, load, resume_changes, resume_hint,
-                        resume_log, rng_state, save, seed_all, set_rng_state, stop_agreed)
+from checkpoint import (CheckpointError, StopSignal, check_writable, ignore_stop_signals, load, open_checkpoint, resume_changes,
+                        resume_hint, resume_log, rng_state, save, seed_all, set_rng_state, skipped_update, stop_agreed,
+                        too_many_bad_steps, update_is_finite)
 from data import DataError, MicroBatches, batches
 from data.labelled import CTC_VOCAB, collate, load_data
 from data.text import read_tokenizer
 from model import Data2Vec, ModelConfig, trunc_normal_
-from train import PRESETS, knob, lr_at
+from train import PRESETS, knob, lr_at, pick_device
 
 # -------------------------------------------------------------------------------------------- config
 
@@ -355,16 +356,12 @@ def main(argv=None):
     cfg = parse_args(argv)
     out, ckpt_path = Path(cfg.out), Path(cfg.out) / 'checkpoint.pt'
     check_writable(out)                                                       # now, not after training
-    if ckpt_path.exists() and not cfg.resume:
-        raise CheckpointError(f'{ckpt_path} exists (an interrupted run): pass --resume to continue it, or another --out')
-    state = load(ckpt_path) if cfg.resume and ckpt_path.exists() else None
+    state = open_checkpoint(ckpt_path, cfg.resume)                           # an interrupted fine-tune's
     mcfg, ckpt, tokenizer, preset = load_encoder(cfg)
     fill_recipe(cfg, preset)
     changes = resume_changes(state['config']['finetune'], asdict(cfg), RESUMABLE, ckpt_path) if state else []
     seed_all(cfg.seed)
-    cuda = cfg.device == 'cuda' or (cfg.device == 'auto' and torch.cuda.is_available())
-    device = torch.device('cuda' if cuda else 'cpu')
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()   # CPU stays fp32
+    device, cuda, autocast = pick_device(cfg.device)
     train_set, test_set, classes = load_data(cfg, mcfg, tokenizer)
     model = Finetuner(build_backbone(mcfg, ckpt, cfg), len(CTC_VOCAB) if cfg.task == 'ctc' else len(classes), cfg.task).to(device)
     model.backbone.requires_grad_(not cfg.linear_probe)
@@ -425,16 +422,16 @@ def main(argv=None):
                 loss = loss_fn(model, batch, cfg, cfg.label_smoothing)
             loss.backward()
             norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None], foreach=True)
-            applied = bool(torch.isfinite(torch.stack([norm, loss.detach().float()])).all())   # NaN/Inf: skip the update
+            applied = update_is_finite(loss, norm)                            # NaN/Inf: skip the update
             if applied:
                 optimizer.step()
                 step, in_a_row, loss_sum = step + 1, 0, loss_sum + loss.detach()
                 pbar.update()
             else:
                 skipped, in_a_row = skipped + 1, in_a_row + 1
-                log.write(json.dumps(dict(step=step + 1, event='skipped update', loss=loss.item(), grad_norm=norm.item(),
-                                          in_a_row=in_a_row, skipped_updates=skipped)) + '\n')
-                tqdm.write(f'update {step + 1}: loss {loss.item():.4g}, gradient norm {norm.item():.4g}: skipped ({in_a_row} in a row)')
+                event, message = skipped_update(step + 1, loss, norm, in_a_row, skipped, cfg.max_bad_steps)
+                log.write(json.dumps(event) + '\n')
+                tqdm.write(message)
             optimizer.zero_grad(set_to_none=True)
             if applied and (step % cfg.log_every == 0 or step == cfg.steps):
                 n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
@@ -445,9 +442,7 @@ def main(argv=None):
                 pbar.set_postfix(loss=f'{rec["loss"]:.3f}')
             log.flush()
             if in_a_row >= cfg.max_bad_steps:
-                saved = f'{ckpt_path} is from step {last_ckpt}' if last_ckpt else 'no checkpoint was written'
-                raise SystemExit(f'stopped: {in_a_row} updates in a row had a NaN/Inf loss or gradient (--max-bad-steps '
-                                 f'{cfg.max_bad_steps}); {saved}. Lower --lr, or check the data (log.jsonl lists skipped samples).')
+                raise too_many_bad_steps(in_a_row, cfg.max_bad_steps, ckpt_path, last_ckpt)
             if applied and (step % cfg.ckpt_every == 0 or step == cfg.steps):   # the last one: evaluation may be killed
                 checkpoint_now()
                 last_ckpt = step

@@ -23,8 +23,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, StopSignal, check_writable, gather, ignore_stop_signals, load, resume_changes, resume_hint,
-                        resume_log, rng_state, save, seed_all, set_rng_state, stop_agreed)
+from checkpoint import (CheckpointError, StopSignal, check_writable, gather, ignore_stop_signals, open_checkpoint, resume_changes,
+                        resume_hint, resume_log, rng_state, save, seed_all, set_rng_state, skipped_update, stop_agreed,
+                        too_many_bad_steps, update_is_finite)
 from data import DataError, batches
 from data.speech import MIN_SECONDS, SR, AudioFolder, SyntheticSpeech, crop_and_pad
 from data.text import (SPECIALS, SyntheticText, TokenBlocks, ordinary_ids, pack_blocks, read_corpus, read_tokenizer,
@@ -89,6 +90,8 @@ class TrainConfig:
     micro_batch_size: int = knob(10, 'samples per forward pass on one device (speech: 10 × ≤ 20 s ≤ fairseq 3.8M samples); '
                                      'accumulation does the rest')
     crop: int = knob(320_000, 'longest waveform in samples; longer ones are cropped at random (fairseq max_sample_size)')
+    pad: bool = knob(False, 'speech: crop each clip to at most --crop and pad to the longest of its micro-batch (a padding mask); '
+                            'default: crop every clip to the shortest one, as fairseq does, so nothing is padded')
     workers: int = knob(4, 'data-loader worker processes')
     log_every: int = knob(200, 'steps between log lines')
     ckpt_every: int = knob(25_000, 'steps between checkpoints (one is always written at the end)')
@@ -141,7 +144,7 @@ PRESETS = {
 }
 
 
-ONLY = {'speech': ('crop', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'layerdrop', 'teacher_context'),
+ONLY = {'speech': ('crop', 'pad', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'layerdrop', 'teacher_context'),
         'vision': ('image_size', 'patch_size', 'layer_scale', 'drop_path', 'min_crop_scale'),
         'text': ('encoding', 'tokenizer', 'text_mask', 'block_size', 'vocab_size', 'max_tokens', 'pad_id', 'layerdrop',
                  'teacher_context')}
@@ -160,7 +163,7 @@ def parse_args(argv=None):
         kw = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
         base, tiny = presets['base'].get(f.name, f.default), presets['tiny'].get(f.name, f.default)
         shown = f'[base {base!r}' + (f', tiny {tiny!r}]' if tiny != base else ']')
-        shown = '' if f.name in ('modality', 'preset', 'data', 'out', 'device', 'compile', 'seed', 'resume', 'strict_data') else shown
+        shown = '' if f.name in ('modality', 'preset', 'data', 'out', 'device', 'compile', 'seed', 'resume', 'strict_data', 'pad') else shown
         text = f"{f.metadata.get('help', 'architecture')} {shown}".replace('%', '%%')   # argparse formats help with %
         p.add_argument('--' + f.name.replace('_', '-'), default=None, help=text, **kw)
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
@@ -291,7 +294,8 @@ def make_dataset(mcfg, cfg, tokenizer=''):
 
 def collate(items, mcfg, cfg, mask_id=None, ordinary=None, generator=None):
     """Items → source, padding_mask or None, mask (B, T) bool[, original], on the data-loader workers, every random
-    draw from `generator`. speech: crops padded to (B, S), span masks. vision: augmented images (B, 3, H, W), block
+    draw from `generator`. speech: random crops (B, S) of the shortest clip's length, or ≤ --crop and padded (--pad),
+    span masks. vision: augmented images (B, 3, H, W), block
     masks (B, N) of round(mask_prob · N) patches. text: masked blocks (B, T), the <mask> positions, and the original
     blocks for the teacher."""
     g = generator
@@ -304,7 +308,9 @@ def collate(items, mcfg, cfg, mask_id=None, ordinary=None, generator=None):
         grid, count = patch_mask_size(mcfg, cfg)
         images = torch.stack([augment(image, mcfg.image_size, cfg.min_crop_scale, g) for image, _ in items])  # (B, 3, H, W)
         return images, None, block_mask(len(items), (grid, grid), count, cfg.mask_length, generator=g)
-    source, padding_mask = crop_and_pad([w for w, _ in items], cfg.crop, g)
+    waves = [w for w, _ in items]
+    longest = cfg.crop if cfg.pad else min(cfg.crop, *(len(w) for w in waves))   # fairseq: all cropped to the shortest
+    source, padding_mask = crop_and_pad(waves, longest, g)
     frames = conv_output_length((~padding_mask).sum(1))               # (B,) valid frames
     mask = span_mask(frames, conv_output_length(source.shape[1]), cfg.mask_prob, cfg.mask_length, generator=g)
     return source, (padding_mask if padding_mask.any() else None), mask
@@ -350,12 +356,29 @@ def unwrap(model):
     return getattr(model, '_orig_mod', model)
 
 
-def train_step(model, teacher, optimizer, micro_batches, step, cfg, autocast):
+def pick_device(choice, local_rank=0):
+    """(device, is_cuda, autocast): CUDA if asked for or available, with bf16 autocast and TF32; the CPU stays fp32
+    (bf16 autocast on CPU made the conv feature encoder dozens of times slower)."""
+    cuda = choice == 'cuda' or (choice == 'auto' and torch.cuda.is_available())
+    device = torch.device(f'cuda:{local_rank}' if cuda else 'cpu')
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device, cuda, torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
+
+
+def make_optimizer(model, cfg, cuda):
+    """AdamW (Adam with decoupled weight decay), fused into one kernel per step on CUDA, foreach on the CPU."""
+    return torch.optim.AdamW(param_groups(model, model.cfg.modality), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
+                             weight_decay=cfg.weight_decay, **(dict(fused=True) if cuda else dict(foreach=True)))
+
+
+def train_step(model, teacher, optimizer, micro_batches, step, cfg, autocast, loss_fn=forward_loss):
     """One update: accumulate gradients over the micro-batches, clip, Adam step, then the EMA step.
 
-    A NaN/Inf loss or gradient norm skips the Adam and EMA steps (under DDP if it happens on any rank): reading that
-    flag is the one host sync per update. Returns the loss and stats averaged over the micro-batches, as device
-    tensors, and whether the update was applied.
+    loss_fn: forward_loss, or torch.compile(forward_loss) (--compile). A NaN/Inf loss or gradient norm skips the Adam
+    and EMA steps (under DDP if it happens on any rank): reading that flag is the one host sync per update. Returns
+    the loss and stats averaged over the micro-batches, as device tensors, and whether the update was applied.
     """
     for group in optimizer.param_groups:
         group['lr'] = lr_at(step, cfg)
@@ -363,17 +386,14 @@ def train_step(model, teacher, optimizer, micro_batches, step, cfg, autocast):
     for i, batch in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1 or not isinstance(model, DDP)
         with (nullcontext() if sync else model.no_sync()), autocast:
-            loss, stats = forward_loss(model, teacher, batch, cfg)
+            loss, stats = loss_fn(model, teacher, batch, cfg)
         (loss / len(micro_batches)).backward()
         for k, v in dict(stats, loss=loss.detach()).items():
             total[k] = total.get(k, 0) + v / len(micro_batches)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     total['grad_norm'] = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip, foreach=True) if cfg.clip > 0 else
                           torch.nn.utils.get_total_norm(grads, foreach=True))
-    finite = torch.isfinite(torch.stack([total['grad_norm'], total['loss']])).all().float()
-    if dist.is_initialized():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)                  # the loss is per rank; every rank must agree
-    applied = bool(finite)
+    applied = update_is_finite(total['loss'], total['grad_norm'])
     if applied:
         optimizer.step()
         ema_update_(unwrap(teacher), unwrap(model).encoder, ema_decay_at(step + 1, cfg.ema_start, cfg.ema_end, cfg.ema_anneal_steps))
@@ -427,21 +447,14 @@ def main(argv=None):
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
-    cuda = cfg.device == 'cuda' or (cfg.device == 'auto' and torch.cuda.is_available())
-    device = torch.device(f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}' if cuda else 'cpu')
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()   # CPU stays fp32
+    device, cuda, autocast = pick_device(cfg.device, int(os.environ.get('LOCAL_RANK', 0)))
     master = rank == 0
     accum = cfg.batch_size // (cfg.micro_batch_size * world)           # the global batch does not depend on the GPU count
 
     out, ckpt_path = Path(cfg.out), Path(cfg.out) / 'checkpoint.pt'
     if master:
         check_writable(out)                                            # now, not at the first save hours later
-    if ckpt_path.exists() and not cfg.resume:
-        raise CheckpointError(f'{ckpt_path} exists: pass --resume to continue that run, or another --out to start a new one')
-    ckpt = load(ckpt_path) if cfg.resume and ckpt_path.exists() else None
+    ckpt = open_checkpoint(ckpt_path, cfg.resume)
     dataset = make_dataset(mcfg, cfg, out / 'tokenizer.json' if ckpt and mcfg.modality == 'text' and not cfg.tokenizer else '')
     if ckpt:                                                           # after make_dataset: the tokenizer sets vocab_size
         changes = resume_changes({**ckpt['config']['model'], **ckpt['config']['train']}, {**asdict(mcfg), **asdict(cfg)},
@@ -460,8 +473,7 @@ def main(argv=None):
     model = Data2Vec(mcfg).to(device)
     teacher = make_teacher(model.encoder)
     seed_all(cfg.seed + rank)                                          # different dropout on every rank
-    optimizer = torch.optim.AdamW(param_groups(model, mcfg.modality), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
-                                  weight_decay=cfg.weight_decay, **(dict(fused=True) if cuda else dict(foreach=True)))
+    optimizer = make_optimizer(model, cfg, cuda)
     step, consumed, loop = 0, 0, dict(loss_sum=[torch.zeros(())] * world, last_log=0, skipped_updates=0, bad_samples=0, in_a_row=0)
     if ckpt:
         if ckpt['step'] > cfg.steps:
@@ -478,7 +490,7 @@ def main(argv=None):
         if master:
             print(f'resuming {ckpt_path} at step {step} of {cfg.steps}' + (f'; changed: {", ".join(changes)}' if changes else '')
                   + ('' if saved_world == world else f'; it was written by {saved_world} processes, this run has {world}: the '
-                     'data position and random streams continue approximately, not exactly'))
+                     'data and masks continue where they stopped, dropout\'s random streams start afresh'))
     to_batch = partial(collate, mcfg=mcfg, cfg=cfg, mask_id=getattr(dataset, 'mask_id', None), ordinary=getattr(dataset, 'ordinary', None))
     data = batches(dataset, to_batch, cfg.micro_batch_size, cfg.seed, rank, world, cfg.workers, pin=cuda, start=consumed,
                    strict=cfg.strict_data, init_fn=ignore_stop_signals)
@@ -487,14 +499,14 @@ def main(argv=None):
               f'({cfg.data or "embedded synthetic set"}); batch {cfg.batch_size} = {cfg.micro_batch_size} × {accum} accumulation × {world}')
         print(f'student: {model.num_params() / 1e6:.2f} M parameters + regression head {(model.num_params(True) - model.num_params()) / 1e6:.2f} M; '
               f'teacher (EMA of model.encoder): {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M')
-    if cfg.compile:
-        model, teacher = torch.compile(model), torch.compile(teacher)
     if ddp:
         model = DDP(model, device_ids=[device.index] if cuda else None)
+    loss_fn = torch.compile(forward_loss) if cfg.compile else forward_loss  # student, teacher, targets, loss: one graph
 
     log_file, records = resume_log(out / 'log.jsonl', step, ckpt) if master else (None, [])
     loss_sum, last_log, last_ckpt = loop['loss_sum'][rank].to(device), loop['last_log'], step if ckpt else 0
     skipped, bad, in_a_row, t0, t_start = loop['skipped_updates'], loop['bad_samples'], loop['in_a_row'], time.time(), time.time()
+    data_s = 0.0                                                       # time spent waiting for data since the last log line
     bad_new = list(unreadable) if master and not ckpt else []         # logged once, by rank 0
     warmup_steps = int(cfg.warmup * cfg.steps)
     guard_from = max(warmup_steps, 10)                # collapse guard: a fresh vision student predicts alike at every masked patch
@@ -517,25 +529,24 @@ def main(argv=None):
     bar = dict(total=cfg.steps, initial=step, disable=not master, desc='pretraining', dynamic_ncols=True)
     with StopSignal() as stop, tqdm(**bar) as pbar:                   # the bar closes before an error's message
         while step < cfg.steps:
-            micro = []
+            micro, t_wait = [], time.time()
             for _ in range(accum):
                 batch, errors = next(data)                             # errors: samples that could not be read, replaced
                 consumed, bad_new = consumed + 1, bad_new + errors
                 micro.append([t.to(device, non_blocking=True) if t is not None else None for t in batch])
                 for e in errors:
                     tqdm.write(f'skipped an unreadable sample (--strict-data stops instead): {e}')
-            stats, applied = train_step(model, teacher, optimizer, micro, step, cfg, autocast)
+            data_s += time.time() - t_wait                             # waiting for the loader (and the copies' launch)
+            stats, applied = train_step(model, teacher, optimizer, micro, step, cfg, autocast, loss_fn)
             if applied:
                 step, in_a_row = step + 1, 0
                 loss_sum += stats['loss']
                 pbar.update()
             else:                                                      # every rank agrees: train_step all-reduces the flag
                 skipped, in_a_row = skipped + 1, in_a_row + 1
-                event = dict(step=step + 1, event='skipped update', loss=stats['loss'].item(), grad_norm=stats['grad_norm'].item(),
-                             in_a_row=in_a_row, skipped_updates=skipped)
+                event, message = skipped_update(step + 1, stats['loss'], stats['grad_norm'], in_a_row, skipped, cfg.max_bad_steps)
                 if master:
-                    tqdm.write(f'update {step + 1}: loss {event["loss"]:.4g}, gradient norm {event["grad_norm"]:.4g}: skipped, '
-                               f'no Adam or EMA step ({in_a_row} in a row, --max-bad-steps {cfg.max_bad_steps})')
+                    tqdm.write(message)
                     log_file.write(json.dumps(event) + '\n')
                     log_file.flush()
             log_now = applied and (step % cfg.log_every == 0 or step == cfg.steps)
@@ -549,9 +560,10 @@ def main(argv=None):
                 rec = dict(step=step, loss=loss_avg, lr=lr_at(step - 1, cfg),
                            ema_decay=ema_decay_at(step, cfg.ema_start, cfg.ema_end, cfg.ema_anneal_steps),
                            target_var=target_var, pred_var=pred_var, skipped_updates=skipped, bad_samples=bad,
-                           samples_per_s=(step - last_log) * cfg.batch_size / (time.time() - t0), elapsed_s=time.time() - t_start)
+                           samples_per_s=(step - last_log) * cfg.batch_size / (time.time() - t0),
+                           data_frac=data_s / (time.time() - t0), elapsed_s=time.time() - t_start)
                 loss_sum.zero_()
-                last_log, t0 = step, time.time()
+                last_log, t0, data_s = step, time.time(), 0.0
                 records.append(rec)
                 if master:
                     log_file.write(json.dumps(rec) + '\n')
@@ -566,10 +578,7 @@ def main(argv=None):
                                      f'warm-up and too low a τ as causes; {saved}.')
             if in_a_row >= cfg.max_bad_steps:
                 log_file and log_file.flush()
-                saved = f'{ckpt_path} is from step {last_ckpt}, the last good one' if last_ckpt else 'no checkpoint was written yet'
-                raise SystemExit(f'stopped: {in_a_row} updates in a row had a NaN/Inf loss or gradient (--max-bad-steps '
-                                 f'{cfg.max_bad_steps}); {saved}. Lower --lr, raise --warmup, or check the data (log.jsonl '
-                                 'lists skipped samples).')
+                raise too_many_bad_steps(in_a_row, cfg.max_bad_steps, ckpt_path, last_ckpt)
             if applied and (step % cfg.ckpt_every == 0 or step == cfg.steps):
                 checkpoint_now()
                 last_ckpt = step

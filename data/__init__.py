@@ -11,16 +11,17 @@ class DataError(ValueError):
 
 
 class MicroBatches(torch.utils.data.Dataset):
-    """Epoch `epoch`'s micro-batches for one rank, from number `first` on. Item j reads the samples of groups[j] and
-    collates them with a generator seeded by (seed, epoch, rank, first + j), so crops, masks and augmentations depend
-    neither on --workers nor on where a run was resumed. A sample that raises DataError (a corrupt or vanished file) is
+    """Epoch `epoch`'s micro-batches for one rank of `world`, from number `first` on. Item j reads the samples of
+    groups[j] and collates them with a generator seeded by (seed, epoch, i), i = (first + j)·world + rank the micro-
+    batch's number in the epoch over all ranks, so crops, masks and augmentations depend neither on --workers, nor on
+    where a run was resumed, nor on how many processes share the batch. A sample that raises DataError (a corrupt or vanished file) is
     replaced by a repeat of a readable one of the same micro-batch, so shapes stay static (`fill`; else it is left
     out, as evaluation must: (None, errors) if none is left), and its error is returned for the log; `strict` raises
     instead. Item → (batch, errors)."""
 
-    def __init__(self, dataset, groups, collate, seed=0, epoch=0, rank=0, first=0, strict=False, fill=True):
+    def __init__(self, dataset, groups, collate, seed=0, epoch=0, rank=0, first=0, strict=False, fill=True, world=1):
         self.dataset, self.groups, self.collate, self.strict, self.fill = dataset, groups, collate, strict, fill
-        self.key, self.first = (seed, epoch, rank), first
+        self.seed, self.epoch, self.rank, self.world, self.first = seed, epoch, rank, world, first
 
     def __len__(self):
         return len(self.groups)
@@ -39,7 +40,8 @@ class MicroBatches(torch.utils.data.Dataset):
         if not items:
             return None, errors                                   # nothing to evaluate in this chunk
         items = [items[k % len(items)] for k in range(len(self.groups[j]))] if self.fill else items
-        seed = np.random.SeedSequence([*self.key, self.first + j]).generate_state(1, np.uint64)[0]
+        i = (self.first + j) * self.world + self.rank                          # over all ranks
+        seed = np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1, np.uint64)[0]
         return self.collate(items, generator=torch.Generator().manual_seed(int(seed))), errors
 
 
@@ -47,22 +49,24 @@ def batches(dataset, collate, batch_size, seed, rank=0, world=1, workers=0, pin=
     """Endless (micro-batch, errors) pairs of this rank's share of the data, reshuffled every epoch, from the `start`-th
     on (a resumed run skips what it has consumed without reading it). collate(items, generator) → batch.
 
-    Where the dataset knows its lengths, each micro-batch takes samples of similar length (fairseq batches by size),
-    so little is padded and the shared mask count stays near 49% of every row.
+    Every epoch's micro-batches are formed once for all ranks and dealt out in turn: rank r draws numbers r, r + world,
+    … So an update of `accum` micro-batches on each of `world` ranks sees the same samples, crops and masks as one
+    process accumulating accum · world of them: the global batch does not depend on the GPU count (tested).
+    Where the dataset knows its lengths, each micro-batch takes samples of similar length (fairseq batches by size).
     """
     n = batch_size
-    per_epoch = len(range(rank, len(dataset), world)) // n
-    if per_epoch == 0:
+    per_rank = len(dataset) // n // world                                         # micro-batches per rank and epoch
+    if per_rank == 0:
         raise DataError(f'{len(dataset)} samples are too few for --micro-batch-size {n} on {world} device(s)')
-    for epoch in itertools.count(start // per_epoch):
+    for epoch in itertools.count(start // per_rank):
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)              # one order per epoch, the same on every rank
-        order = torch.randperm(len(dataset), generator=g)[rank::world]            # this rank's share
+        order = torch.randperm(len(dataset), generator=g)
         if getattr(dataset, 'lengths', None):
             lengths = torch.tensor(dataset.lengths)
             order = torch.cat([w[lengths[w].argsort()] for w in order.split(64 * n)])  # sort within windows of 64 batches
-        groups = order[:per_epoch * n].view(-1, n)                                # (batches, n)
-        groups = groups[torch.randperm(len(groups), generator=g)]
-        first = start % per_epoch if epoch == start // per_epoch else 0
-        epoch_set = MicroBatches(dataset, groups[first:].tolist(), collate, seed, epoch, rank, first, strict)
+        groups = order[:len(dataset) // n * n].view(-1, n)                        # (batches, n)
+        groups = groups[torch.randperm(len(groups), generator=g)][:per_rank * world][rank::world]   # (per_rank, n)
+        first = start % per_rank if epoch == start // per_rank else 0
+        epoch_set = MicroBatches(dataset, groups[first:].tolist(), collate, seed, epoch, rank, first, strict, world=world)
         yield from torch.utils.data.DataLoader(epoch_set, batch_size=None, num_workers=workers, pin_memory=pin,
                                                worker_init_fn=init_fn, generator=torch.Generator())  # not the global RNG

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
+from encoders import conv_output_length
 
 SMALL = ['--dim', '32', '--layers', '2', '--heads', '2', '--ffn-dim', '64', '--conv-dim', '16', '--top-k', '2',
          '--batch-size', '4', '--micro-batch-size', '2', '--crop', '16000', '--workers', '0']
@@ -254,3 +255,23 @@ def test_help_lists_every_flag(modality):
     assert '--top-k' in r.stdout and '--mask-prob' in r.stdout
     if modality == 'text':
         assert '15%: 80% <mask>' in ' '.join(r.stdout.split())       # the % survives formatting
+
+
+def test_speech_clips_are_cropped_to_the_shortest_unless_pad():
+    """fairseq crops every clip of a batch to the shortest one (nothing padded, static shapes, no attention mask);
+    --pad crops to at most --crop and pads to the longest instead. Each crop is a contiguous piece of its clip."""
+    import numpy as np
+    from train import collate, parse_args
+    clips = [np.arange(n, dtype=np.float32) for n in (20_000, 17_000, 30_000)]
+    for pad in (False, True):
+        mcfg, cfg = parse_args(['--crop', '25000'] + (['--pad'] if pad else []))
+        source, padding, mask = collate([(c, '') for c in clips], mcfg, cfg, generator=torch.Generator().manual_seed(0))
+        if not pad:
+            assert source.shape == (3, 17_000) and padding is None
+            lengths = [17_000] * 3
+        else:
+            assert source.shape == (3, 25_000) and padding.sum(1).tolist() == [5_000, 8_000, 0]
+            lengths = [20_000, 17_000, 25_000]
+        for row, n in zip(source, lengths):
+            assert torch.equal(torch.diff(row[:n]), torch.ones(n - 1))   # consecutive samples of the clip
+        assert mask.shape == (3, conv_output_length(source.shape[1])) and mask.dtype == torch.bool

@@ -1,0 +1,179 @@
+"""Benchmark of train.py's pretraining step on one device: step time, throughput, FLOPs, MFU, peak memory.
+
+The model, teacher, optimizer, loss and data pipeline are built with train.py's own functions, and the step timed is
+train.train_step itself, on an in-memory synthetic set of the benchmark's shape (noise clips, noise images, random
+token blocks) fed through data.batches: masking, augmentation, loader workers and pinned memory cost what they cost
+in training. Any other train.py flag is passed on (--top-k 4, --dim 256, …). One JSON line on stdout.
+
+    python bench.py --modality speech --batch-size 8 --seconds 15.6       # data2vec Base, 8 clips of 15.6 s
+    python bench.py --modality vision --batch-size 64                     # ViT-B/16 on 224² images
+    python bench.py --modality text --batch-size 32                       # RoBERTa-base on blocks of 512 tokens
+    python bench.py --modality speech --compile && python .bench/peer_hf.py --modality audio --batch 8   # vs HF
+
+peer_hf.py (../shared/bench, copied into .bench/) is the same step built from HF transformers. Timing: --warmup
+untimed steps (torch.compile compiles, workers start), then --steps steps between CUDA syncs. train_step syncs the
+host once per update, so `data_frac` (the time in next(data) and the host → device copies) is the GPU waiting.
+`host_syncs` counts the calls in one step that make the host wait for the GPU (CUDA's sync debug mode; the NaN/Inf
+check is one).
+
+FLOPs: one more eager step (train.forward_loss, never compiled) under FlopCounterMode. It counts matmuls (2·m·n·k;
+backward 2×: input and weight gradients), convolutions and attention (SDPA: QKᵀ and AV, 4·B·T²·D forward; backward
+5 matmuls, 2.5×, the scores recomputed) in the teacher's forward and the student's forward and backward, not the
+elementwise work (norms, GELU, softmax, loss, Adam, EMA), negligible next to them. torch counts no FLOPs for SDPA's
+fused CPU kernel; CPU_ATTENTION counts it as the CUDA kernels. SDPA's math path (on the CPU: dropout, vision's float
+bias) is counted as its matmuls: backward 2×. mfu = FLOPs / step time / --peak (790e12 as peer_hf.py; peak.py
+measured 731e12 on one H100).
+"""
+import argparse
+import json
+import sys
+import time
+import warnings
+from functools import partial
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from tqdm import tqdm
+
+import train
+from data import batches
+from data.speech import MIN_SECONDS, SR
+from data.text import BOS, EOS, PAD, UNK
+from encoders import conv_output_length
+from model import Data2Vec
+from teacher import make_teacher
+
+BATCH = dict(speech=8, vision=64, text=32)                            # the base benchmarks' batch per device
+CPU_ATTENTION = {   # FlopCounterMode custom_mapping: shapes in, FLOPs out
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, q, k, v)}
+
+
+class Repeat(torch.utils.data.Dataset):
+    """`length` items in the real datasets' format, (input, label), cycling over a small pool of inputs."""
+
+    def __init__(self, inputs, label, length):
+        self.inputs, self.label, self.length = inputs, label, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return self.inputs[i % len(self.inputs)], self.label
+
+
+def synthetic_inputs(mcfg, cfg, n, samples):
+    """n inputs of the benchmark's shape: speech noise clips (S,), vision uint8 noise images (3, H, W), text blocks
+    <s> … </s> (T,) in RoBERTa's layout: specials 0–3 as data.text's, ordinary ids, <mask> the last id."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    if mcfg.modality == 'speech':
+        return 0.1 * torch.randn(n, samples, generator=g)                                  # (n, S)
+    if mcfg.modality == 'vision':
+        return torch.randint(0, 256, (n, 3, mcfg.image_size, mcfg.image_size), dtype=torch.uint8, generator=g)
+    inner = torch.randint(UNK + 1, mcfg.vocab_size - 1, (n, cfg.block_size - 2), generator=g)  # (n, T − 2)
+    return torch.cat([torch.full((n, 1), BOS), inner, torch.full((n, 1), EOS)], 1)         # (n, T)
+
+
+def sig(x, digits=4):                                                  # rounded to `digits` significant digits
+    return float(f'{x:.{digits}g}')
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], allow_abbrev=False,
+                                epilog='Every other flag goes to train.py (python train.py --help).')
+    p.add_argument('--modality', default='speech', choices=list(BATCH))
+    p.add_argument('--preset', default='base')
+    p.add_argument('--batch-size', type=int, help='samples per step on one device, no accumulation (speech 8, vision 64, text 32)')
+    p.add_argument('--steps', type=int, default=20, help='timed steps')
+    p.add_argument('--warmup', type=int, default=5, help='untimed steps first (compilation, loader start-up)')
+    p.add_argument('--compile', action='store_true', help='torch.compile(train.forward_loss), as train.py --compile')
+    p.add_argument('--version', type=int, default=1, help='data2vec version')
+    p.add_argument('--peak', type=float, default=790e12, help='the device\'s peak FLOP/s, for mfu')
+    p.add_argument('--seconds', type=float, default=15.6, help='speech: clip length')
+    p.add_argument('--device', default='auto')
+    p.add_argument('--workers', type=int, default=4)
+    args, rest = p.parse_known_args(argv)
+    B = args.batch_size if args.batch_size is not None else BATCH[args.modality]
+    for ok, msg in [(args.version == 1, f'--version {args.version}: data2vec 2.0 is not implemented yet; only 1'),
+                    (B >= 1, f'--batch-size {B} must be ≥ 1'), (args.steps >= 1, f'--steps {args.steps} must be ≥ 1'),
+                    (args.warmup >= 0, f'--warmup {args.warmup} must be ≥ 0'), (args.peak > 0, f'--peak {args.peak} must be > 0'),
+                    (args.seconds >= MIN_SECONDS, f'--seconds {args.seconds} must be ≥ {MIN_SECONDS} (> 0)')]:
+        if not ok:
+            p.error(msg)
+    speech, samples = args.modality == 'speech', round(args.seconds * SR)
+    mcfg, cfg = train.parse_args(rest + ['--modality', args.modality, '--preset', args.preset, '--batch-size', str(B),
+                                         '--micro-batch-size', str(B), '--device', args.device, '--workers', str(args.workers),
+                                         '--compile' if args.compile else '--no-compile']
+                                 + (['--crop', str(max(samples, SR))] if speech else []))    # nothing cropped shorter
+
+    # ---- built as train.main builds them
+    device, cuda, autocast = train.pick_device(cfg.device)
+    text = mcfg.modality == 'text'
+    if text:
+        mcfg.pad_id = PAD                                              # the specials of data.text
+    torch.manual_seed(cfg.seed)
+    model = Data2Vec(mcfg).to(device)
+    teacher = make_teacher(model.encoder)
+    optimizer = train.make_optimizer(model, cfg, cuda)
+    loss_fn = torch.compile(train.forward_loss) if args.compile else train.forward_loss
+    mask_id, ordinary = (mcfg.vocab_size - 1, (UNK + 1, mcfg.vocab_size - 1)) if text else (None, None)
+    to_batch = partial(train.collate, mcfg=mcfg, cfg=cfg, mask_id=mask_id, ordinary=ordinary)
+    timed = args.warmup + args.steps                                   # + 1 sync step + 1 FLOP step: one epoch, workers start once
+    dataset = Repeat(synthetic_inputs(mcfg, cfg, 4 * B, samples), '' if speech else 0, (timed + 2) * B)
+    data = batches(dataset, to_batch, B, cfg.seed, workers=cfg.workers, pin=cuda)
+    tokens = dict(speech=conv_output_length(samples), vision=(mcfg.image_size // mcfg.patch_size) ** 2,
+                  text=cfg.block_size)[mcfg.modality]                  # frames, patches or tokens per sample
+
+    def next_batch():
+        batch, _ = next(data)
+        return [[t.to(device, non_blocking=True) if t is not None else None for t in batch]]
+
+    # ---- timed steps
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    data_s, skipped = 0.0, 0
+    for step in tqdm(range(timed), desc=f'bench {args.modality}', file=sys.stderr, disable=not sys.stderr.isatty()):
+        if step == args.warmup:
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t_start, data_s, skipped = time.perf_counter(), 0.0, 0
+        t0 = time.perf_counter()
+        micro = next_batch()
+        data_s += time.perf_counter() - t0
+        stats, applied = train.train_step(model, teacher, optimizer, micro, step, cfg, autocast, loss_fn)
+        skipped += not applied
+    sync()
+    step_s = (time.perf_counter() - t_start) / args.steps
+    peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+
+    # ---- host syncs in one step: on CUDA, torch warns at every call that waits for the device
+    syncs = None
+    if cuda:
+        micro = next_batch()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            torch.cuda.set_sync_debug_mode('warn')
+            train.train_step(model, teacher, optimizer, micro, timed, cfg, autocast, loss_fn)
+            torch.cuda.set_sync_debug_mode('default')
+        syncs = sum('synchroniz' in str(w.message) for w in caught)
+
+    # ---- FLOPs of one eager step
+    micro = next_batch()
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
+        train.train_step(model, teacher, optimizer, micro, timed, cfg, autocast, train.forward_loss)
+    data.close()                                                       # stops the loader workers
+    flops = counter.get_total_flops()
+    result = dict(bench='data2vec-reference', modality=args.modality, preset=args.preset, version=args.version,
+                  compile=args.compile, batch=B, seconds=args.seconds if speech else None, tokens_per_sample=tokens,
+                  step_ms=sig(step_s * 1000), samples_per_s=sig(B / step_s), tokens_per_s=sig(B * tokens / step_s),
+                  step_tflop=sig(flops / 1e12), mfu=sig(flops / step_s / args.peak),
+                  peak_mem_gb=round(peak_mem, 2) if cuda else None, data_frac=sig(data_s / (step_s * args.steps), 3),
+                  host_syncs=syncs, loss=sig(float(stats['loss'])), skipped_updates=skipped,
+                  device=torch.cuda.get_device_name(device) if cuda else 'cpu', torch=torch.__version__)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == '__main__':
+    main()
