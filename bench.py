@@ -40,8 +40,6 @@ from data import batches
 from data.speech import MIN_SECONDS, SR
 from data.text import BOS, EOS, PAD, UNK
 from encoders import conv_output_length
-from model import Data2Vec
-from teacher import make_teacher
 
 BATCH = dict(speech=8, vision=64, text=32)                            # the base benchmarks' batch per device
 CPU_ATTENTION = {   # FlopCounterMode custom_mapping: shapes in, FLOPs out
@@ -87,7 +85,7 @@ def main(argv=None):
     p.add_argument('--batch-size', type=int, help='samples per step on one device, no accumulation (speech 8, vision 64, text 32)')
     p.add_argument('--steps', type=int, default=20, help='timed steps')
     p.add_argument('--warmup', type=int, default=5, help='untimed steps first (compilation, loader start-up)')
-    p.add_argument('--compile', action='store_true', help='torch.compile(train.forward_loss), as train.py --compile')
+    p.add_argument('--compile', action='store_true', help='torch.compile(train.forward_loss), as train.py --compile (train.build)')
     p.add_argument('--version', type=int, default=1, help='data2vec version')
     p.add_argument('--peak', type=float, default=790e12, help='the device\'s peak FLOP/s, for mfu')
     p.add_argument('--seconds', type=float, default=15.6, help='speech: clip length')
@@ -112,11 +110,7 @@ def main(argv=None):
     text = mcfg.modality == 'text'
     if text:
         mcfg.pad_id = PAD                                              # the specials of data.text
-    torch.manual_seed(cfg.seed)
-    model = Data2Vec(mcfg).to(device)
-    teacher = make_teacher(model.encoder)
-    optimizer = train.make_optimizer(model, cfg, cuda)
-    loss_fn = torch.compile(train.forward_loss) if args.compile else train.forward_loss
+    model, teacher, optimizer, loss_fn = train.build(mcfg, cfg, device, cuda)
     mask_id, ordinary = (mcfg.vocab_size - 1, (UNK + 1, mcfg.vocab_size - 1)) if text else (None, None)
     to_batch = partial(train.collate, mcfg=mcfg, cfg=cfg, mask_id=mask_id, ordinary=ordinary)
     timed = args.warmup + args.steps                                   # + 1 sync step + 1 FLOP step: one epoch, workers start once
@@ -127,7 +121,7 @@ def main(argv=None):
 
     def next_batch():
         batch, _ = next(data)
-        return [[t.to(device, non_blocking=True) if t is not None else None for t in batch]]
+        return [train.to_device(batch, device)]
 
     # ---- timed steps
     sync = torch.cuda.synchronize if cuda else (lambda: None)

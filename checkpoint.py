@@ -112,6 +112,10 @@ def check_writable(out):
 def resume_changes(saved, current, allowed, path):
     """Compare a checkpoint's flat config with this run's. A difference in a key outside `allowed` is an error listing
     every such key; the allowed ones come back as 'key old → new' notes to print."""
+    missing = [k for k in current if k not in saved and k != 'resume']
+    if missing:
+        raise CheckpointError(f'--resume: {path} was written by an older version, without {", ".join(missing)}: continue it '
+                              'with that version, or start a new run in another --out')
     changed = {k: (saved.get(k), v) for k, v in current.items() if k != 'resume' and saved.get(k) != v}
     fixed = [f'{k} {a!r} → {b!r}' for k, (a, b) in changed.items() if k not in allowed]
     if fixed:
@@ -196,8 +200,8 @@ def skipped_update(update, loss, grad_norm, in_a_row, skipped, max_bad_steps):
     """The log event and the message for an update skipped for a NaN/Inf loss or gradient norm."""
     event = dict(step=update, event='skipped update', loss=loss.item(), grad_norm=grad_norm.item(), in_a_row=in_a_row,
                  skipped_updates=skipped)
-    return event, (f'update {update}: loss {event["loss"]:.4g}, gradient norm {event["grad_norm"]:.4g}: skipped, no optimizer '
-                   f'or EMA step ({in_a_row} in a row, --max-bad-steps {max_bad_steps})')
+    return event, (f'update {update}: loss {event["loss"]:.4g}, gradient norm {event["grad_norm"]:.4g}: skipped, the weights '
+                   f'are unchanged ({in_a_row} in a row, --max-bad-steps {max_bad_steps})')
 
 
 def too_many_bad_steps(in_a_row, max_bad_steps, path, last_ckpt):

@@ -32,7 +32,7 @@ from data import DataError, MicroBatches, batches
 from data.labelled import CTC_VOCAB, collate, load_data
 from data.text import read_tokenizer
 from model import Data2Vec, ModelConfig, trunc_normal_
-from train import PRESETS, knob, lr_at, pick_device
+from train import PRESETS, knob, lr_at, pick_device, to_device
 
 # -------------------------------------------------------------------------------------------- config
 
@@ -417,7 +417,7 @@ def main(argv=None):
                 model.backbone.eval()                                             # no dropout in a frozen encoder
             for group in optimizer.param_groups:
                 group['lr'] = lr_at(step, cfg) * group['lr_scale']
-            batch = [t.to(device, non_blocking=True) if t is not None else None for t in batch]
+            batch = to_device(batch, device)
             with autocast:
                 loss = loss_fn(model, batch, cfg, cfg.label_smoothing)
             loss.backward()

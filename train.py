@@ -92,6 +92,8 @@ class TrainConfig:
     crop: int = knob(320_000, 'longest waveform in samples; longer ones are cropped at random (fairseq max_sample_size)')
     pad: bool = knob(False, 'speech: crop each clip to at most --crop and pad to the longest of its micro-batch (a padding mask); '
                             'default: crop every clip to the shortest one, as fairseq does, so nothing is padded')
+    crop_step: int = knob(16_000, 'speech: the shortest clip\'s length is rounded down to a multiple of this (1 s), so that '
+                                  'torch.compile meets at most --crop / --crop-step shapes')
     workers: int = knob(4, 'data-loader worker processes')
     log_every: int = knob(200, 'steps between log lines')
     ckpt_every: int = knob(25_000, 'steps between checkpoints (one is always written at the end)')
@@ -144,7 +146,7 @@ PRESETS = {
 }
 
 
-ONLY = {'speech': ('crop', 'pad', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'layerdrop', 'teacher_context'),
+ONLY = {'speech': ('crop', 'pad', 'crop_step', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'layerdrop', 'teacher_context'),
         'vision': ('image_size', 'patch_size', 'layer_scale', 'drop_path', 'min_crop_scale'),
         'text': ('encoding', 'tokenizer', 'text_mask', 'block_size', 'vocab_size', 'max_tokens', 'pad_id', 'layerdrop',
                  'teacher_context')}
@@ -215,6 +217,7 @@ def check_config(mcfg, cfg, world=1):
         (cfg.batch_size % (cfg.micro_batch_size * world) == 0,
          f'--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size × devices ({cfg.micro_batch_size} × {world})'),
         (mcfg.modality != 'speech' or cfg.crop >= 16_000, f'--crop {cfg.crop} must be ≥ 16000 samples (1 s)'),
+        (cfg.crop_step >= 1, f'--crop-step {cfg.crop_step} must be ≥ 1'),
         (cfg.device in ('auto', 'cpu', 'cuda'), f'--device {cfg.device}: choose auto, cpu or cuda'),
         (cfg.device != 'cuda' or torch.cuda.is_available(), '--device cuda: no CUDA device is available'),
         (mcfg.dim % mcfg.heads == 0, f'--dim {mcfg.dim} must be divisible by --heads {mcfg.heads}'),
@@ -294,8 +297,8 @@ def make_dataset(mcfg, cfg, tokenizer=''):
 
 def collate(items, mcfg, cfg, mask_id=None, ordinary=None, generator=None):
     """Items → source, padding_mask or None, mask (B, T) bool[, original], on the data-loader workers, every random
-    draw from `generator`. speech: random crops (B, S) of the shortest clip's length, or ≤ --crop and padded (--pad),
-    span masks. vision: augmented images (B, 3, H, W), block
+    draw from `generator`. speech: random crops (B, S) of the shortest clip's length rounded down to --crop-step, or
+    ≤ --crop and padded (--pad), span masks. vision: augmented images (B, 3, H, W), block
     masks (B, N) of round(mask_prob · N) patches. text: masked blocks (B, T), the <mask> positions, and the original
     blocks for the teacher."""
     g = generator
@@ -309,7 +312,8 @@ def collate(items, mcfg, cfg, mask_id=None, ordinary=None, generator=None):
         images = torch.stack([augment(image, mcfg.image_size, cfg.min_crop_scale, g) for image, _ in items])  # (B, 3, H, W)
         return images, None, block_mask(len(items), (grid, grid), count, cfg.mask_length, generator=g)
     waves = [w for w, _ in items]
-    longest = cfg.crop if cfg.pad else min(cfg.crop, *(len(w) for w in waves))   # fairseq: all cropped to the shortest
+    shortest = min(len(w) for w in waves)
+    longest = cfg.crop if cfg.pad else min(cfg.crop, shortest // cfg.crop_step * cfg.crop_step or shortest)  # fairseq: the shortest
     source, padding_mask = crop_and_pad(waves, longest, g)
     frames = conv_output_length((~padding_mask).sum(1))               # (B,) valid frames
     mask = span_mask(frames, conv_output_length(source.shape[1]), cfg.mask_prob, cfg.mask_length, generator=g)
@@ -367,10 +371,23 @@ def pick_device(choice, local_rank=0):
     return device, cuda, torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
 
 
-def make_optimizer(model, cfg, cuda):
-    """AdamW (Adam with decoupled weight decay), fused into one kernel per step on CUDA, foreach on the CPU."""
-    return torch.optim.AdamW(param_groups(model, model.cfg.modality), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
-                             weight_decay=cfg.weight_decay, **(dict(fused=True) if cuda else dict(foreach=True)))
+def build(mcfg, cfg, device, cuda):
+    """The student (seeded by --seed: the same initial weights on every rank), its EMA teacher, AdamW (Adam with
+    decoupled weight decay; fused on CUDA, foreach on the CPU) and the loss function, compiled with --compile.
+    train.main and bench.py both build with this."""
+    torch.manual_seed(cfg.seed)
+    model = Data2Vec(mcfg).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, mcfg.modality), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay, **(dict(fused=True) if cuda else dict(foreach=True)))
+    if cfg.compile:                                                    # student, teacher, targets, loss: one graph
+        torch._dynamo.config.recompile_limit = max(8, cfg.crop // cfg.crop_step + 2)   # one graph per speech crop length
+    loss_fn = torch.compile(forward_loss, dynamic=False) if cfg.compile else forward_loss
+    return model, make_teacher(model.encoder), optimizer, loss_fn
+
+
+def to_device(batch, device):
+    """A collated batch's tensors on the device; copies from pinned memory do not block the host."""
+    return [t.to(device, non_blocking=True) if t is not None else None for t in batch]
 
 
 def train_step(model, teacher, optimizer, micro_batches, step, cfg, autocast, loss_fn=forward_loss):
@@ -469,11 +486,8 @@ def main(argv=None):
     if master and unreadable:
         print(f'skipped {len(unreadable)} unreadable files (--strict-data stops instead), e.g. {unreadable[0]}')
 
-    torch.manual_seed(cfg.seed)                                        # the same initial weights on every rank
-    model = Data2Vec(mcfg).to(device)
-    teacher = make_teacher(model.encoder)
+    model, teacher, optimizer, loss_fn = build(mcfg, cfg, device, cuda)
     seed_all(cfg.seed + rank)                                          # different dropout on every rank
-    optimizer = make_optimizer(model, cfg, cuda)
     step, consumed, loop = 0, 0, dict(loss_sum=[torch.zeros(())] * world, last_log=0, skipped_updates=0, bad_samples=0, in_a_row=0)
     if ckpt:
         if ckpt['step'] > cfg.steps:
@@ -501,7 +515,6 @@ def main(argv=None):
               f'teacher (EMA of model.encoder): {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M')
     if ddp:
         model = DDP(model, device_ids=[device.index] if cuda else None)
-    loss_fn = torch.compile(forward_loss) if cfg.compile else forward_loss  # student, teacher, targets, loss: one graph
 
     log_file, records = resume_log(out / 'log.jsonl', step, ckpt) if master else (None, [])
     loss_sum, last_log, last_ckpt = loop['loss_sum'][rank].to(device), loop['last_log'], step if ckpt else 0
@@ -533,7 +546,7 @@ def main(argv=None):
             for _ in range(accum):
                 batch, errors = next(data)                             # errors: samples that could not be read, replaced
                 consumed, bad_new = consumed + 1, bad_new + errors
-                micro.append([t.to(device, non_blocking=True) if t is not None else None for t in batch])
+                micro.append(to_device(batch, device))
                 for e in errors:
                     tqdm.write(f'skipped an unreadable sample (--strict-data stops instead): {e}')
             data_s += time.time() - t_wait                             # waiting for the loader (and the copies' launch)

@@ -252,13 +252,14 @@ def test_micro_batches_replace_leave_out_or_stop_at_unreadable_items():
         MicroBatches(ds, groups, stack_and_draw, strict=True)[0]
 
 
-def test_micro_batch_draws_depend_only_on_seed_epoch_rank_and_index():
-    """Two MicroBatches objects with the same (seed, epoch, rank) give bit-identical batches item by item (the draws
-    too); changing any of the three, or the item, changes the draws; and first=k numbers the items from k, so item 0 of
-    MicroBatches(groups[k:], first=k) is item k of MicroBatches(groups, first=0): a resumed run draws what it would have."""
+def test_micro_batch_draws_depend_only_on_seed_epoch_and_number():
+    """Two MicroBatches objects with the same (seed, epoch) give bit-identical batches item by item (the draws too);
+    changing either, or the item, changes the draws; and `numbers` carry them: item 0 of MicroBatches(groups[k:],
+    numbers=[k, …]) is item k of MicroBatches(groups), so a resumed run, or a rank dealt micro-batches 1 and 3,
+    draws what one process would have for them."""
     ds = Numbers(12, bad={4})
     groups = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
-    key = dict(seed=3, epoch=2, rank=1)
+    key = dict(seed=3, epoch=2)
     a, b = MicroBatches(ds, groups, stack_and_draw, **key), MicroBatches(ds, groups, stack_and_draw, **key)
     for j in range(len(groups)):
         (va, da), ea = a[j]
@@ -266,15 +267,17 @@ def test_micro_batch_draws_depend_only_on_seed_epoch_rank_and_index():
         assert torch.equal(va, vb) and torch.equal(da, db) and ea == eb
     draws = [a[j][0][1] for j in range(len(groups))]
     assert all(not torch.equal(draws[0], d) for d in draws[1:])          # every item its own stream
-    for other in (dict(key, seed=4), dict(key, epoch=3), dict(key, rank=0)):
+    for other in (dict(key, seed=4), dict(key, epoch=3)):
         assert not torch.equal(MicroBatches(ds, groups, stack_and_draw, **other)[0][0][1], draws[0]), other
     for k in (1, 2, 3):
-        shifted = MicroBatches(ds, groups[k:], stack_and_draw, first=k, **key)
+        shifted = MicroBatches(ds, groups[k:], stack_and_draw, numbers=list(range(k, 4)), **key)
         assert len(shifted) == len(groups) - k
         (v, d), e = shifted[0]
         (v0, d0), e0 = a[k]
         assert torch.equal(v, v0) and torch.equal(d, d0) and e == e0
-        assert not torch.equal(MicroBatches(ds, groups[k:], stack_and_draw, **key)[0][0][1], d0)   # first=0: item 0's draws
+        assert not torch.equal(MicroBatches(ds, groups[k:], stack_and_draw, **key)[0][0][1], d0)   # numbered 0: item 0's draws
+    share = MicroBatches(ds, groups[1::2], stack_and_draw, numbers=[1, 3], **key)
+    assert all(torch.equal(share[i][0][1], a[j][0][1]) for i, j in ((0, 1), (1, 3)))
 
 
 # ---------------------------------------------------------------------------------------------- train.py

@@ -25,16 +25,77 @@ FLAGS = {'speech': SMALL + ['--conv-dim', '16', '--crop', '16000'],
          'text': ['--modality', 'text'] + SMALL + ['--vocab-size', '5000', '--block-size', '32']}
 
 
+# train.main under torchrun, checking after every update that every rank holds the same teacher, bit for bit
+SAME_TEACHER = """
+import sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+import train
+real, checks = train.train_step, []
+def step(model, teacher, *rest):
+    out = real(model, teacher, *rest)
+    mine = torch.cat([p.detach().flatten() for p in train.unwrap(teacher).parameters()])
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    assert all(torch.equal(mine, other) for other in every), 'teachers differ between ranks'
+    checks.append(1)
+    return out
+train.train_step = step
+train.main(sys.argv[1:])
+print('teacher checks:', len(checks))
+"""
+
+
 def run(out, modality, micro, nproc):
-    """6 updates of 8 samples: `nproc` processes of `micro`-sample micro-batches, accumulation 8 / (micro · nproc)."""
+    """6 updates of 8 samples: `nproc` processes of `micro`-sample micro-batches, accumulation 8 / (micro · nproc);
+    with 2 or more, through SAME_TEACHER."""
+    script = ROOT / 'train.py'
+    if nproc > 1:
+        script = out.parent / f'same_teacher_{out.name}.py'
+        script.write_text(SAME_TEACHER.format(root=str(ROOT)))
     launch = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
                                                   '--nproc_per_node', str(nproc)]
     args = ['--steps', '6', '--log-every', '2', '--batch-size', '8', '--micro-batch-size', str(micro), '--out', str(out)]
-    r = subprocess.run([*launch, str(ROOT / 'train.py'), *FLAGS[modality], *args], cwd=ROOT, env=ENV, capture_output=True,
+    r = subprocess.run([*launch, str(script), *FLAGS[modality], *args], cwd=ROOT, env=ENV, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert nproc == 1 or r.stdout.count('teacher checks: 6') == nproc, r.stdout[-2000:]
     records = [json.loads(x) for x in (out / 'log.jsonl').read_text().splitlines()]
     return records, torch.load(out / 'checkpoint.pt', weights_only=True)
+
+
+def test_ranks_are_dealt_one_stream_across_epochs_and_resume_on_another_count():
+    """27 samples in micro-batches of 2: 13 per epoch, so epochs do not split evenly over 2 or 3 ranks. One process's
+    stream of micro-batches (samples and draws) is, micro-batch by micro-batch, the interleaving of 2 ranks' streams
+    and of 3 ranks', across epoch boundaries; and a run resumed after 16 micro-batches (past the first epoch) on
+    another number of ranks goes on exactly where it stopped."""
+    from data import batches
+
+    class Numbers(torch.utils.data.Dataset):
+        def __len__(self):
+            return 27
+
+        def __getitem__(self, i):
+            return torch.tensor([float(i)])
+
+    def collate(items, generator):                                     # the samples and a draw, as masks are drawn
+        return torch.cat(items), torch.rand(1, generator=generator)
+
+    def stream(world, rank, n, start=0):
+        it = batches(Numbers(), collate, 2, seed=5, rank=rank, world=world, start=start)
+        return [torch.cat(next(it)[0]) for _ in range(n)]
+
+    def same(xs, ys):
+        return len(xs) == len(ys) and all(torch.equal(x, y) for x, y in zip(xs, ys))
+
+    one = stream(1, 0, 40)
+    assert len({tuple(x[:2].tolist()) for x in one[:13]}) == 13 and not same(one[:13], one[13:26])   # a new epoch, reshuffled
+    for world in (2, 3):
+        ranks = [stream(world, r, 40 // world + 1) for r in range(world)]
+        assert same([ranks[g % world][g // world] for g in range(39)], one[:39]), world
+    assert same(stream(1, 0, 6, start=16), one[16:22])                 # 2 ranks stopped after 8 each, 1 goes on
+    two = [stream(2, r, 3, start=8) for r in (0, 1)]                   # 1 stopped after 16, 2 go on
+    assert same([two[g % 2][g // 2] for g in range(6)], one[16:22])
 
 
 @pytest.mark.parametrize('modality', ['speech', 'vision', 'text'])
@@ -42,7 +103,8 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path,
     """torchrun --nproc_per_node 2 (gloo) with micro-batches of 4, against one process accumulating 2 micro-batches
     of 4: the same 8 samples, crops and masks per update (data.batches deals micro-batches out in turn), gradients
     averaged over ranks by DDP and over micro-batches by accumulation. Every logged loss and target/prediction std,
-    the final student, the teacher (EMA) and Adam's moments agree to float rounding (the two sum in another order)."""
+    the final student, the teacher (EMA) and Adam's moments agree to float rounding (the two sum in another order),
+    and after every update both ranks hold bit-identical teachers (SAME_TEACHER)."""
     one, ckpt_one = run(tmp_path / 'one', modality, 4, 1)
     two, ckpt_two = run(tmp_path / 'two', modality, 4, 2)
     assert [r['step'] for r in one] == [r['step'] for r in two] == [2, 4, 6]

@@ -36,7 +36,8 @@ def test_one_step_from_the_command_line(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     records = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
     assert [r['step'] for r in records] == [1, 2]
-    assert {'step', 'loss', 'lr', 'ema_decay', 'target_var', 'pred_var', 'samples_per_s'} <= set(records[0])
+    assert {'step', 'loss', 'lr', 'ema_decay', 'target_var', 'pred_var', 'samples_per_s', 'data_frac'} <= set(records[0])
+    assert all(0 <= r['data_frac'] < 1 for r in records)
     ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
     assert {'student', 'teacher', 'optimizer', 'step', 'config', 'rng'} <= set(ckpt) and ckpt['step'] == 2
     assert ckpt['config']['model']['dim'] == 32 and ckpt['config']['train']['top_k'] == 2
@@ -258,8 +259,9 @@ def test_help_lists_every_flag(modality):
 
 
 def test_speech_clips_are_cropped_to_the_shortest_unless_pad():
-    """fairseq crops every clip of a batch to the shortest one (nothing padded, static shapes, no attention mask);
-    --pad crops to at most --crop and pads to the longest instead. Each crop is a contiguous piece of its clip."""
+    """fairseq crops every clip of a batch to the shortest one (nothing padded, no attention mask); here its length is
+    rounded down to whole seconds (--crop-step 16000) so that shapes repeat. --pad crops to at most --crop and pads
+    to the longest instead. Each crop is a contiguous piece of its clip."""
     import numpy as np
     from train import collate, parse_args
     clips = [np.arange(n, dtype=np.float32) for n in (20_000, 17_000, 30_000)]
@@ -267,11 +269,34 @@ def test_speech_clips_are_cropped_to_the_shortest_unless_pad():
         mcfg, cfg = parse_args(['--crop', '25000'] + (['--pad'] if pad else []))
         source, padding, mask = collate([(c, '') for c in clips], mcfg, cfg, generator=torch.Generator().manual_seed(0))
         if not pad:
-            assert source.shape == (3, 17_000) and padding is None
-            lengths = [17_000] * 3
+            assert source.shape == (3, 16_000) and padding is None     # the shortest, 17000, rounded down to 1 s
+            lengths = [16_000] * 3
         else:
             assert source.shape == (3, 25_000) and padding.sum(1).tolist() == [5_000, 8_000, 0]
             lengths = [20_000, 17_000, 25_000]
         for row, n in zip(source, lengths):
             assert torch.equal(torch.diff(row[:n]), torch.ones(n - 1))   # consecutive samples of the clip
         assert mask.shape == (3, conv_output_length(source.shape[1])) and mask.dtype == torch.bool
+
+
+def test_compiled_step_meets_one_shape_per_whole_second():
+    """torch.compile (dynamic=False, as train.py) of the step on speech micro-batches whose shortest clips are 1.3 s,
+    1.7 s, 2.4 s and 1.1 s: crops of 1 s, 1 s, 2 s and 1 s, so dynamo traces exactly 2 graphs, not 4."""
+    import numpy as np
+    import torch._dynamo
+    import torch._dynamo.testing
+    from model import Data2Vec
+    from teacher import make_teacher
+    from train import collate, forward_loss, parse_args
+    mcfg, cfg = parse_args(['--dim', '32', '--layers', '2', '--heads', '2', '--ffn-dim', '64', '--top-k', '2', '--conv-dim', '16',
+                            '--crop', '320000'])
+    torch.manual_seed(0)
+    model = Data2Vec(mcfg)
+    teacher = make_teacher(model.encoder)
+    counter = torch._dynamo.testing.CompileCounter()
+    torch._dynamo.reset()
+    step = torch.compile(forward_loss, backend=counter, dynamic=False)
+    for seconds in (1.3, 1.7, 2.4, 1.1):
+        clips = [(np.random.randn(int(s * 16_000)).astype(np.float32), '') for s in (seconds, seconds + 0.5)]
+        step(model, teacher, collate(clips, mcfg, cfg, generator=torch.Generator().manual_seed(0)), cfg)
+    assert counter.frame_count == 2
