@@ -146,7 +146,8 @@ PRESETS = {
 }
 
 
-ONLY = {'speech': ('crop', 'pad', 'crop_step', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'layerdrop', 'teacher_context'),
+ONLY = {'speech': ('crop', 'pad', 'crop_step', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'layerdrop',
+                   'teacher_context'),
         'vision': ('image_size', 'patch_size', 'layer_scale', 'drop_path', 'min_crop_scale'),
         'text': ('encoding', 'tokenizer', 'text_mask', 'block_size', 'vocab_size', 'max_tokens', 'pad_id', 'layerdrop',
                  'teacher_context')}
