@@ -29,48 +29,22 @@ import json
 import sys
 import time
 import warnings
-from functools import partial
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from tqdm import tqdm
 
+import data
 import train
+from config import parse_train_args, pick_device, to_device
 from data import batches
-from data.speech import MIN_SECONDS, SR
-from data.text import BOS, EOS, PAD, UNK
-from encoders import conv_output_length
+from data.speech import MIN_SECONDS
 
 BATCH = dict(speech=8, vision=64, text=32)                            # the base benchmarks' batch per device
 CPU_ATTENTION = {   # FlopCounterMode custom_mapping: shapes in, FLOPs out
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
         lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, q, k, v)}
-
-
-class Repeat(torch.utils.data.Dataset):
-    """`length` items in the real datasets' format, (input, label), cycling over a small pool of inputs."""
-
-    def __init__(self, inputs, label, length):
-        self.inputs, self.label, self.length = inputs, label, length
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, i):
-        return self.inputs[i % len(self.inputs)], self.label
-
-
-def synthetic_inputs(mcfg, cfg, n, samples):
-    """n inputs of the benchmark's shape: speech noise clips (S,), vision uint8 noise images (3, H, W), text blocks
-    <s> … </s> (T,) in RoBERTa's layout: specials 0–3 as data.text's, ordinary ids, <mask> the last id."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    if mcfg.modality == 'speech':
-        return 0.1 * torch.randn(n, samples, generator=g)                                  # (n, S)
-    if mcfg.modality == 'vision':
-        return torch.randint(0, 256, (n, 3, mcfg.image_size, mcfg.image_size), dtype=torch.uint8, generator=g)
-    inner = torch.randint(UNK + 1, mcfg.vocab_size - 1, (n, cfg.block_size - 2), generator=g)  # (n, T − 2)
-    return torch.cat([torch.full((n, 1), BOS), inner, torch.full((n, 1), EOS)], 1)         # (n, T)
 
 
 def sig(x, digits=4):                                                  # rounded to `digits` significant digits
@@ -99,29 +73,20 @@ def main(argv=None):
                     (args.seconds >= MIN_SECONDS, f'--seconds {args.seconds} must be ≥ {MIN_SECONDS} (> 0)')]:
         if not ok:
             p.error(msg)
-    speech, samples = args.modality == 'speech', round(args.seconds * SR)
-    mcfg, cfg = train.parse_args(rest + ['--modality', args.modality, '--preset', args.preset, '--batch-size', str(B),
+    mcfg, cfg = parse_train_args(rest + ['--modality', args.modality, '--preset', args.preset, '--batch-size', str(B),
                                          '--micro-batch-size', str(B), '--device', args.device, '--workers', str(args.workers),
-                                         '--compile' if args.compile else '--no-compile']
-                                 + (['--crop', str(max(samples, SR))] if speech else []))    # nothing cropped shorter
+                                         '--compile' if args.compile else '--no-compile'])
 
-    # ---- built as train.main builds them
-    device, cuda, autocast = train.pick_device(cfg.device)
-    text = mcfg.modality == 'text'
-    if text:
-        mcfg.pad_id = PAD                                              # the specials of data.text
-    model, teacher, optimizer, loss_fn = train.build(mcfg, cfg, device, cuda)
-    mask_id, ordinary = (mcfg.vocab_size - 1, (UNK + 1, mcfg.vocab_size - 1)) if text else (None, None)
-    to_batch = partial(train.collate, mcfg=mcfg, cfg=cfg, mask_id=mask_id, ordinary=ordinary)
+    # ---- built as train.main builds them, on a synthetic set of the benchmark's shape (noise clips, images, token blocks)
+    device, cuda, autocast = pick_device(cfg.device)
     timed = args.warmup + args.steps                                   # + 1 sync step + 1 FLOP step: one epoch, workers start once
-    dataset = Repeat(synthetic_inputs(mcfg, cfg, 4 * B, samples), '' if speech else 0, (timed + 2) * B)
-    data = batches(dataset, to_batch, B, cfg.seed, workers=cfg.workers, pin=cuda)
-    tokens = dict(speech=conv_output_length(samples), vision=(mcfg.image_size // mcfg.patch_size) ** 2,
-                  text=cfg.block_size)[mcfg.modality]                  # frames, patches or tokens per sample
+    dataset, collate, shape = data.modality(mcfg.modality).bench_data(mcfg, cfg, (timed + 2) * B, args.seconds, cfg.seed)
+    model, teacher, optimizer, loss_fn = train.build(mcfg, cfg, device, cuda)
+    stream = batches(dataset, collate, B, cfg.seed, workers=cfg.workers, pin=cuda)
 
     def next_batch():
-        batch, _ = next(data)
-        return [train.to_device(batch, device)]
+        batch, _ = next(stream)
+        return [to_device(batch, device)]
 
     # ---- timed steps
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -156,11 +121,11 @@ def main(argv=None):
     micro = next_batch()
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
         train.train_step(model, teacher, optimizer, micro, timed, cfg, autocast, train.forward_loss)
-    data.close()                                                       # stops the loader workers
+    stream.close()                                                     # stops the loader workers
     flops = counter.get_total_flops()
     result = dict(bench='data2vec-reference', modality=args.modality, preset=args.preset, version=args.version,
-                  compile=args.compile, batch=B, seconds=args.seconds if speech else None, tokens_per_sample=tokens,
-                  step_ms=sig(step_s * 1000), samples_per_s=sig(B / step_s), tokens_per_s=sig(B * tokens / step_s),
+                  compile=args.compile, batch=B, **shape, step_ms=sig(step_s * 1000), samples_per_s=sig(B / step_s),
+                  tokens_per_s=sig(B * shape['tokens_per_sample'] / step_s),
                   step_tflop=sig(flops / 1e12), mfu=sig(flops / step_s / args.peak),
                   peak_mem_gb=round(peak_mem, 2) if cuda else None, data_frac=sig(data_s / (step_s * args.steps), 3),
                   host_syncs=syncs, loss=sig(float(stats['loss'])), skipped_updates=skipped,

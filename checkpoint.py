@@ -18,11 +18,13 @@ import pickle
 import random
 import shlex
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 class CheckpointError(ValueError):
@@ -233,3 +235,134 @@ def seed_all(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+class RunState:
+    """Where a run is (step, micro-batches consumed) and its running counts, and everything that makes stopping and
+    going on exact (README, "Resuming and failures"). train.py and finetune.py loop `while run.step < steps` and leave
+    the bookkeeping here:
+
+        RunState(out, resume)     --out writable now; its checkpoint.pt opened (--resume) or refused (no --resume)
+        restore(steps, load)      counters, the data position and every RNG from the checkpoint; load(ckpt) the modules
+        open_log()                log.jsonl kept up to the checkpoint's step, then appended to (rank 0)
+        read(errors)              unreadable samples of a micro-batch: printed now, logged at the next log line
+        count(applied, …)         an applied update, or a skipped one (NaN/Inf): logged, stopped after --max-bad-steps
+        log(record)               a metric line; unreadable samples of every rank go in before it
+        save(state)               a checkpoint with this state, every rank's RNG and running sums (rank 0 writes)
+        stop_if_signalled(…)      SIGTERM/SIGINT on any rank: save at this step boundary, say how to continue, exit
+
+    Under DDP every method that gathers is called on every rank at the same step.
+    """
+
+    def __init__(self, out, resume, rank=0, world=1, device=None):
+        self.out, self.path = Path(out), Path(out) / 'checkpoint.pt'
+        self.rank, self.world, self.device, self.master = rank, world, device, rank == 0
+        if self.master:
+            check_writable(self.out)                                       # now, not at the first save hours later
+        self.ckpt = open_checkpoint(self.path, resume)
+        self.step = self.consumed = self.last_log = self.skipped = self.bad_samples = self.in_a_row = self.last_ckpt = 0
+        self.loss_sum = torch.zeros((), device=device)                     # losses of the log interval's updates
+        self.pending, self.log_file, self.records = [], None, []          # unreadable samples not yet logged
+
+    def restore(self, steps, load):
+        """Continue the checkpoint, if any: `load(ckpt)` restores the modules and the optimizer; here the step, the
+        counters, the data position (the same share of the data if the process count changed) and the RNG states.
+        → the note to print (rank 0), or None when starting."""
+        if self.ckpt is None:
+            return None
+        ckpt = self.ckpt
+        if ckpt['step'] > steps:
+            raise CheckpointError(f'--steps {steps}: {self.path} is already at step {ckpt["step"]}')
+        load(ckpt)
+        loop, saved_world = ckpt['loop'], len(ckpt['rng'])
+        self.step = self.last_ckpt = ckpt['step']
+        self.consumed = ckpt['data']['consumed'] * saved_world // self.world
+        sums = loop['loss_sum'] if saved_world == self.world else [sum(loop['loss_sum']) / saved_world] * self.world
+        self.loss_sum = sums[self.rank].to(self.device)
+        self.last_log, self.skipped, self.bad_samples, self.in_a_row = (loop[k] for k in ('last_log', 'skipped_updates',
+                                                                                          'bad_samples', 'in_a_row'))
+        if saved_world == self.world:
+            set_rng_state(ckpt['rng'][self.rank], self.device)
+        return f'resuming {self.path} at step {self.step} of {steps}' + ('' if saved_world == self.world else
+            f'; it was written by {saved_world} processes, this run has {self.world}: the data and masks continue where '
+            'they stopped, dropout\'s random streams start afresh')
+
+    def open_log(self, startup_errors=()):
+        """log.jsonl (rank 0); files left out at start-up are logged with the first log line of a new run."""
+        if self.master:
+            self.log_file, self.records = resume_log(self.out / 'log.jsonl', self.step, self.ckpt)
+            self.pending += [] if self.ckpt else list(startup_errors)
+
+    def read(self, errors):
+        """A micro-batch's unreadable samples (already replaced by readable ones): printed now, logged at the next line."""
+        self.consumed += 1
+        self.pending += errors
+        for e in errors:
+            tqdm.write(f'skipped an unreadable sample (--strict-data stops instead): {e}')
+
+    def _write(self, record):
+        if self.master:
+            self.log_file.write(json.dumps(record) + '\n')
+            self.log_file.flush()
+
+    def _log_bad_samples(self):
+        errors, self.pending = sum(gather(self.pending), []), []            # every rank's
+        self.bad_samples += len(errors)
+        for e in errors:
+            self._write(dict(step=self.step, event='bad sample', error=e))
+
+    def count(self, applied, loss, grad_norm, max_bad_steps):
+        """After an update: the step advances, or the skip is logged (every rank agrees: the flag was all-reduced), and
+        after --max-bad-steps skips in a row the run stops, naming the last good checkpoint."""
+        if applied:
+            self.step, self.in_a_row = self.step + 1, 0
+            self.loss_sum += loss.detach()
+            return
+        self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+        event, message = skipped_update(self.step + 1, loss, grad_norm, self.in_a_row, self.skipped, max_bad_steps)
+        if self.master:
+            tqdm.write(message)
+        self._write(event)
+        if self.in_a_row >= max_bad_steps:
+            self._log_bad_samples()
+            raise too_many_bad_steps(self.in_a_row, max_bad_steps, self.path, self.last_ckpt)
+
+    def due(self, every, steps, applied=True):
+        """Whether this applied update ends an interval of `every` steps, or the run."""
+        return applied and (self.step % every == 0 or self.step == steps)
+
+    def log(self, **values):
+        """A metric line (rank 0): the step, `values` and the running counts; the interval's loss sum starts again.
+        Every rank's unreadable samples are logged (and counted) first. → the record."""
+        self._log_bad_samples()
+        record = dict(step=self.step, **values, skipped_updates=self.skipped, bad_samples=self.bad_samples)
+        self.records.append(record)
+        self._write(record)
+        self.loss_sum.zero_()
+        self.last_log = self.step
+        return record
+
+    def save(self, state):
+        """checkpoint.pt: `state` (modules, optimizer, config: tensors and plain types) with the step, every rank's RNG
+        states and loss sums, the data position and the counters, written atomically by rank 0."""
+        self._log_bad_samples()
+        rng, sums = gather(rng_state(self.device)), gather(self.loss_sum.cpu())
+        if self.master:
+            save(self.path, dict(state, step=self.step, rng=rng, data=dict(consumed=self.consumed),
+                                 loop=dict(loss_sum=sums, last_log=self.last_log, skipped_updates=self.skipped,
+                                           bad_samples=self.bad_samples, in_a_row=self.in_a_row)))
+        self.last_ckpt = self.step
+
+    def stop_if_signalled(self, stop, steps, state, script, argv, bar):
+        """SIGTERM/SIGINT on any rank: save at this step boundary (unless just saved), say how to continue, exit 128 + signal.
+        `state()` gives what save needs; the progress bar is closed first, so the message is the last line."""
+        if not stop_agreed(stop, self.device) or self.step >= steps:
+            return
+        if self.last_ckpt != self.step:
+            self.save(state())
+        bar.close()
+        if self.master:
+            self.log_file.close()
+            print(f'{stop.name or "a signal on another rank"}: saved {self.path} at step {self.step} of {steps}. '
+                  f'To continue: {resume_hint(script, argv)}', file=sys.stderr)
+        raise SystemExit(128 + (stop.signum if stop.name else signal.SIGTERM))

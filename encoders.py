@@ -1,31 +1,37 @@
-"""Modality feature encoders: everything between the raw input and the shared Transformer.
+"""Modality front-ends: everything between the raw input and the Transformer, one class per modality.
 
-data2vec (paper, 'Model architecture') keeps one Transformer for all modalities and puts the
-modality-specific work in a feature encoder in front of it. For speech that is wav2vec 2.0's:
+data2vec (paper, 'Model architecture') keeps one learning algorithm for all modalities and puts the modality-specific
+work in a front-end ('feature encoder'). Each front-end answers the same questions (`FrontEnd`): how the raw input
+becomes tokens (B, T, D) with their padding, how a mask enters, what the teacher reads, where positions enter the
+attention, and whether the EMA teacher averages the front-end or shares it with the student.
 
+speech (wav2vec 2.0, data2vec speech v1; `SpeechFrontEnd`):
     waveform (B, S) ─ normalise per utterance ─ 7 × Conv1d (stride 320 in all, ≈ 20 ms frames)
         ─ LayerNorm(C_conv) ─ Linear(C_conv → D) ─→ features (B, T, D)
-    [student only: masked frames → mask embedding; model.py]
-        ─ conv positional encoder: x + g(x) ─→ the Transformer
+        ─ [student: masked frames → mask embedding] ─ conv positional encoder: x + g(x) ─→ tokens
+    the teacher reads the positional encoder's output for the unmasked features: both encoders are shared
 
-For images it is BEiT's (data2vec vision v1, facebookresearch/data2vec_vision/beit):
-
+images (BEiT, data2vec vision v1, facebookresearch/data2vec_vision/beit; `ImageFrontEnd`):
     image (B, 3, H, W) ─ ImageNet mean/std ─ Conv2d(3, D, P, stride P) ─→ patches (B, N, D), N = (H/P)(W/P)
-        [student only: masked patches → mask token; CLS token prepended; model.VisionTransformer]
-    positions: no absolute embedding, one relative position bias shared by all blocks, added to the logits
+        ─ [student: masked patches → mask token] ─ CLS token prepended ─→ tokens (B, 1 + N, D)
+    positions: no absolute embedding; one relative position bias shared by all blocks, added to the logits
+    the teacher averages the whole front-end (BEiT's EMA of the whole model) and reads the raw image
 
-For text it is RoBERTa's (data2vec text v1, fairseq TransformerEncoder with learned positions):
-
-    token ids (B, T) ─ token embedding + learned position embedding (offset pad + 1) ─ LayerNorm ─→ (B, T, D)
-    no √D embedding scaling; shared by student and teacher, so the teacher's EMA covers the blocks only
+text (RoBERTa, data2vec text v1; `TextFrontEnd`):
+    token ids (B, T), masked in the ids (<mask>) ─ token embedding + learned position embedding (offset pad + 1)
+        ─ LayerNorm ─→ tokens (B, T, D); no √D embedding scaling
+    the teacher reads the embedding of the original ids through the student's embedding: shared
 
 Legend: B batch, S waveform samples, T frames or tokens, C conv channels, D model width, N patches, H heads.
+Mask convention (masking.py): mask is bool (B, T), True = masked.
 Parameter names follow fairseq/HF closely enough that a plain key map loads released weights (README).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+
+from config import ModelConfig
 
 SAMPLE_RATE = 16_000
 # (kernel, stride) of the 7 conv layers of wav2vec 2.0 / data2vec: 5·2⁶ = 320 samples per frame, 400-sample receptive field
@@ -194,3 +200,141 @@ class TextEmbedding(nn.Module):
         real = tokens != self.pad                                  # (B, T)
         positions = torch.cumsum(real, dim=1) * real + 1            # 2, 3, … on real tokens; 1 on padding
         return self.layer_norm(self.tokens(tokens) + self.positions(positions))   # (B, T, D)
+
+
+# ---------------------------------------------------------------------------------------------- the front-ends
+
+
+def attention_mask(padding_mask, T, window=0, device=None):
+    """Boolean SDPA mask of a 1-D sequence (True = may attend), or None when every step sees every step.
+
+    padding_mask (B, T) hides padded keys; window W > 0 lets step t see only steps |t − s| ≤ W
+    (the paper's teacher-context ablation, Figure 3). Every step may see itself, so no row is empty
+    (a padded step further than W from any valid one would be). Returns (B, 1, T, T), (T, T) or None.
+    """
+    idx = torch.arange(T, device=device)
+    mask = None
+    if window > 0:
+        mask = (idx[:, None] - idx[None, :]).abs() <= window                 # (T, T)
+    if padding_mask is not None:
+        keys = rearrange(~padding_mask, 'b s -> b 1 1 s')                     # (B, 1, 1, T)
+        mask = keys if mask is None else keys & mask                          # (B, 1, T, T)
+        mask = mask | (idx[:, None] == idx[None, :])                          # every step sees itself
+    return mask
+
+
+class FrontEnd(nn.Module):
+    """What every modality's front-end answers; the student (model.Data2Vec) and the teacher (teacher.Teacher) ask
+    nothing else of a modality.
+
+        forward(source, padding_mask, mask, teacher)  how the raw input becomes tokens (B, T, D) and their padding
+                                                      (B, T) or None; how a mask enters (a mask embedding at masked
+                                                      steps, or a mask token); with teacher=True, also what the
+                                                      teacher reads (else None)
+        attention(x, padding_mask, window)            the blocks' SDPA mask or bias for tokens x: padding, positions, and the
+                                                      teacher's context window (±W steps; 0 = everything)
+        averaged       True: the EMA teacher averages this front-end and reads the raw input through its own copy;
+                       False: the teacher shares the student's front-end and reads the tokens it made of the
+                       unmasked input. Everything else of the teacher is averaged (teacher.Teacher).
+        prefix         tokens the front-end puts before the data (CLS), which get no target
+        pre_ln, input_norm, head_layers, finetune_frozen   the released model it belongs to (model.Data2Vec, finetune.py)
+    """
+    averaged, prefix = False, 0
+    pre_ln, input_norm, head_layers, finetune_frozen = False, True, 1, ()
+
+    def attention(self, x, padding_mask=None, window=0):
+        return attention_mask(padding_mask, x.shape[1], window, x.device)
+
+
+class SpeechFrontEnd(FrontEnd):
+    """wav2vec 2.0's front-end, data2vec speech v1: feature encoder → mask embedding → conv positional encoder.
+
+    Shared with the teacher (paper: 'share the parameters of the feature encoder and the positional encoder'; fairseq
+    `ema_transformer_only`, `ema_layers_only`): the teacher reads the positional encoder's output for the unmasked
+    features. Post-LN blocks after a LayerNorm (fairseq layer_norm_first False). Fine-tuning freezes the conv layers
+    (wav2vec 2.0 feature_grad_mult 0).
+    """
+    finetune_frozen = ('feature_encoder.conv_layers',)
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.feature_encoder = SpeechFeatureEncoder(cfg.conv_dim, cfg.dim)
+        self.mask_emb = nn.Parameter(torch.empty(cfg.dim).uniform_())          # fairseq: uniform_() in [0, 1)
+        self.pos_encoder = ConvPositionalEncoder(cfg.dim, cfg.pos_conv_depth, cfg.pos_conv_kernel, cfg.pos_conv_groups)
+
+    def forward(self, source, padding_mask=None, mask=None, teacher=False, channel_mask=None):
+        """source (B, S), padding_mask (B, S), mask (B, T) → tokens (B, T, D), frame padding (B, T) or None, and the
+        teacher's input (B, T, D). channel_mask (B, D): fine-tuning's zeroed feature channels (wav2vec 2.0 mask_channel)."""
+        x, padding = self.feature_encoder(source, padding_mask)               # (B, T, D)
+        with torch.no_grad():                                                 # the teacher's view: unmasked, no gradient
+            teacher_input = self.pos_encoder(x, padding) if teacher else None
+        if channel_mask is not None:
+            x = x.masked_fill(channel_mask[:, None, :], 0.0)
+        if mask is not None:
+            x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)    # masked frames → the mask embedding
+        return self.pos_encoder(x, padding), padding, teacher_input
+
+
+class ImageFrontEnd(FrontEnd):
+    """BEiT's front-end, data2vec vision v1: patch embedding → mask token → [CLS; patches]; relative position bias.
+
+    Averaged by the teacher (BEiT's ModelEmaV2 copies the whole model), which reads the same augmented image, unmasked.
+    Pre-LN blocks with LayerScale and a LayerNorm after the last (BEiT); BEiT initialises the patch embedding, the
+    blocks and the tokens together (model.init_beit_).
+    """
+    averaged, prefix, pre_ln, input_norm = True, 1, True, False
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        grid = cfg.image_size // cfg.patch_size
+        self.patch_embed = PatchEmbed(cfg.dim, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.rel_pos_bias = RelativePositionBias((grid, grid), cfg.heads)
+
+    def forward(self, source, padding_mask=None, mask=None, teacher=False):
+        """source (B, 3, H, W), mask (B, N) → tokens (B, 1 + N, D), None (images are never padded), the image itself."""
+        x = self.patch_embed(source)                                          # (B, N, D)
+        if mask is not None:
+            x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)  # BEiT: x·(1 − w) + mask_token·w
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + N, D)
+        return x, None, source if teacher else None
+
+    def attention(self, x, padding_mask=None, window=0):
+        """The shared relative position bias (H, 1 + N, 1 + N), added to the logits of every block."""
+        assert padding_mask is None and window == 0, 'images are never padded, and --teacher-context is for speech'
+        return self.rel_pos_bias()
+
+
+class TextFrontEnd(FrontEnd):
+    """RoBERTa's embeddings, data2vec text v1. The mask is in the ids already (masking.token_mask puts <mask> there).
+
+    Shared with the teacher (fairseq `ema_transformer_layers_only`): the teacher reads the embedding of the ORIGINAL
+    ids through the student's embedding (the paper; fairseq feeds it the masked ids only, issue #4881). Post-LN
+    blocks, no LayerNorm before them (the embedding ends in one); head_layers 2 (fairseq data2vec_text).
+    """
+    input_norm, head_layers = False, 2
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed = TextEmbedding(cfg.vocab_size, cfg.dim, cfg.max_tokens, cfg.pad_id)
+        self.embed.apply(init_bert_params)
+
+    def forward(self, source, padding_mask=None, mask=None, teacher=False, original=None):
+        """source: masked ids (B, T), original: the uncorrupted ids (B, T) → tokens (B, T, D), padding, teacher's input."""
+        with torch.no_grad():
+            teacher_input = self.embed(original) if teacher else None        # (B, T, D)
+        return self.embed(source), padding_mask, teacher_input
+
+
+FRONT_ENDS = dict(speech=SpeechFrontEnd, vision=ImageFrontEnd, text=TextFrontEnd)
+
+
+def init_bert_params(module):
+    """fairseq init_bert_params: Linear and Embedding weights ~ N(0, 0.02), biases and the padding row 0."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear):
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        nn.init.zeros_(module.weight[module.padding_idx])

@@ -29,7 +29,7 @@ def span_mask(lengths, T, mask_prob=0.65, span=10, min_spans=1, generator=None):
     replacement from [0, n − span), so spans end inside the valid steps. Rows then meet at one count
     c = round(mean masked fraction of the batch × shortest length): rows above c keep a random subset of
     their masked steps (fairseq require_same_masks), rows below c mask random extra steps (fairseq add_masks).
-    fairseq v1 meets at the smallest count instead, which masks ≈ 45% at 16 rows (README, Deviations).
+    fairseq v1 meets at the smallest count instead, which masks ≈ 45% at 16 rows (DEVIATIONS.md 1).
     lengths: (B,) ints; T: padded length.
     """
     lengths = [int(v) for v in lengths]

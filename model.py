@@ -1,69 +1,26 @@
-"""The data2vec student: Transformer encoder, mask embedding, regression head and loss.
+"""The data2vec student: front-end → Transformer → regression head; and the loss.
 
 Paper: Baevski et al., "data2vec: A General Framework for Self-supervised Learning in Speech,
 Vision and Language" (2022). A student encodes a masked input and, at the masked time steps,
 regresses targets built by an EMA teacher from the unmasked input (teacher.py).
 
-Speech uses post-LN blocks (wav2vec 2.0 / fairseq); vision uses BEiT's pre-LN blocks with LayerScale
-and a shared relative position bias (data2vec vision v1). Both expose the same block taps.
+The modality lives in the front-end (encoders.py); this file has no modality branch. The blocks are
+the released models': post-LN for speech and text (wav2vec 2.0 / fairseq, RoBERTa), BEiT's pre-LN blocks
+with LayerScale for vision (data2vec vision v1). All expose the same block taps.
 
-Legend:  B batch · S waveform samples · T time steps (frames, or image patches N) · D model width
+Legend:  B batch · S waveform samples · T time steps (frames, tokens, or image patches N) · D model width
          H heads · L blocks · K top-K target blocks · M masked steps.
 Mask convention (masking.py): mask is bool (B, T), True = masked.
 """
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from encoders import ConvPositionalEncoder, PatchEmbed, RelativePositionBias, SpeechFeatureEncoder, TextEmbedding
-
-TAPS = ('attention', 'ffn', 'ffn_residual', 'block')  # which tensor of a block the teacher's targets use
-
-
-@dataclass
-class ModelConfig:
-    """Architecture. Defaults are data2vec Base for speech (fairseq base_librispeech.yaml); train.PRESETS has vision's."""
-    modality: str = field(default='speech', metadata=dict(help='speech | vision | text'))
-    dim: int = 768               # D
-    layers: int = 12             # L
-    heads: int = 12
-    ffn_dim: int = 3072
-    dropout: float = 0.1
-    attn_dropout: float = 0.1
-    layerdrop: float = 0.05      # probability of skipping a whole block while training the student
-    conv_dim: int = 512          # channels of the 7 conv layers of the speech feature encoder
-    pos_conv_depth: int = 5
-    pos_conv_kernel: int = 19    # fairseq: conv_pos 95 // depth 5
-    pos_conv_groups: int = 16
-    image_size: int = 224        # vision: square input images, H = W
-    patch_size: int = 16         # vision: P; N = (image_size / P)² patches
-    layer_scale: float = 1e-4    # vision: LayerScale γ init (BEiT layer_scale_init_value)
-    drop_path: float = 0.0       # vision: stochastic depth of the last block, rising linearly from 0 (paper: 0.2)
-    vocab_size: int = 50_000     # text: BPE vocabulary (set from the tokenizer)
-    max_tokens: int = 512        # text: rows of the learned position table, minus RoBERTa's offset of 2
-    pad_id: int = 1              # text: the tokenizer's <pad> (set from the tokenizer)
-
-
-def attention_mask(padding_mask, T, window=0, device=None):
-    """Boolean SDPA mask (True = may attend), or None when every step sees every step.
-
-    padding_mask (B, T) hides padded keys; window W > 0 lets step t see only steps |t − s| ≤ W
-    (the paper's teacher-context ablation, Figure 3). Every step may see itself, so no row is empty
-    (a padded step further than W from any valid one would be). Returns (B, 1, T, T), (T, T) or None.
-    """
-    idx = torch.arange(T, device=device)
-    mask = None
-    if window > 0:
-        mask = (idx[:, None] - idx[None, :]).abs() <= window                 # (T, T)
-    if padding_mask is not None:
-        keys = rearrange(~padding_mask, 'b s -> b 1 1 s')                     # (B, 1, 1, T)
-        mask = keys if mask is None else keys & mask                          # (B, 1, T, T)
-        mask = mask | (idx[:, None] == idx[None, :])                          # every step sees itself
-    return mask
+from config import TAPS, ModelConfig  # noqa: F401  (TAPS, ModelConfig: re-exported for readers of this file)
+from encoders import FRONT_ENDS, attention_mask, init_bert_params  # noqa: F401
 
 
 class SelfAttention(nn.Module):
@@ -117,47 +74,6 @@ class Block(nn.Module):
         return out, dict(attention=a, ffn=f, ffn_residual=s, block=out).get(tap)
 
 
-class Transformer(nn.Module):
-    """Post-LN encoder: LayerNorm → Dropout → L blocks, with LayerDrop while training.
-
-    forward(x, padding_mask, tap, window) → (output (B, T, D), [tap of every block]).
-    """
-
-    def __init__(self, cfg: ModelConfig, input_norm=True):
-        super().__init__()
-        self.layer_norm = nn.LayerNorm(cfg.dim) if input_norm else nn.Identity()   # text: the embedding's LN instead
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.dropout, cfg.attn_dropout)
-                                    for _ in range(cfg.layers))
-        self.layerdrop = cfg.layerdrop
-        self.apply(init_bert_params)
-
-    def forward(self, x, padding_mask=None, tap=None, window=0):
-        x = self.dropout(self.layer_norm(x))                                  # (B, T, D)
-        attn_mask = attention_mask(padding_mask, x.shape[1], window, x.device)
-        taps = []
-        for block in self.layers:
-            y, t = block(x, attn_mask, tap)
-            if self.training and self.layerdrop > 0:
-                # LayerDrop (fairseq encoder_layerdrop) as a select on a random scalar rather than a Python `if`:
-                # same output and gradients as skipping the block, but one static graph for torch.compile and DDP.
-                y = torch.where(torch.rand((), device=x.device) < self.layerdrop, x, y)
-            x = y
-            if tap is not None:
-                taps.append(t)
-        return x, taps
-
-
-def init_bert_params(module):
-    """fairseq init_bert_params: Linear and Embedding weights ~ N(0, 0.02), biases and the padding row 0."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-    if isinstance(module, nn.Linear):
-        nn.init.zeros_(module.bias)
-    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-        nn.init.zeros_(module.weight[module.padding_idx])
-
-
 def drop_path(x, p, training):
     """Stochastic depth (Huang et al. 2016; timm DropPath): drop a whole residual branch per sample, x: (B, T, D)."""
     if p == 0 or not training:
@@ -196,49 +112,6 @@ class PreLNBlock(nn.Module):
         return out, dict(attention=a, ffn=f, ffn_residual=out, block=out).get(tap)
 
 
-class VisionTransformer(nn.Module):
-    """BEiT's ViT as data2vec vision v1 trains it; the teacher is an EMA copy of all of it.
-
-        image ─ PatchEmbed ─ masked patches → mask token ─ [CLS; patches] (B, 1 + N, D)
-              ─ L pre-LN blocks, each adding the one shared relative position bias ─ LayerNorm ─ drop CLS
-
-    No absolute position embedding. Stochastic depth rises linearly from 0 to `drop_path` over the blocks.
-    forward(image, padding_mask=None, tap, window=0, mask) → (output (B, N, D), [tap of every block (B, N, D)]).
-    """
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        grid = cfg.image_size // cfg.patch_size
-        self.patch_embed = PatchEmbed(cfg.dim, cfg.patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.rel_pos_bias = RelativePositionBias((grid, grid), cfg.heads)
-        rates = [cfg.drop_path * i / max(cfg.layers - 1, 1) for i in range(cfg.layers)]  # linear 0 → drop_path
-        self.layers = nn.ModuleList(PreLNBlock(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.attn_dropout, rate, cfg.layer_scale,
-                                               cfg.dropout) for rate in rates)
-        self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
-        self.apply(init_vit_params)
-        trunc_normal_(self.cls_token)
-        trunc_normal_(self.mask_token)
-        for depth, block in enumerate(self.layers, start=1):                 # BEiT fix_init_weight: deeper blocks add less
-            block.self_attn.out_proj.weight.data.div_(math.sqrt(2 * depth))
-            block.fc2.weight.data.div_(math.sqrt(2 * depth))
-
-    def forward(self, image, padding_mask=None, tap=None, window=0, mask=None):
-        assert padding_mask is None and window == 0, 'images are never padded, and --teacher-context is for speech'
-        x = self.patch_embed(image)                                           # (B, N, D)
-        if mask is not None:
-            x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)  # BEiT: x·(1 − w) + mask_token·w
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + N, D)
-        bias = self.rel_pos_bias()                                            # (H, 1 + N, 1 + N)
-        taps = []
-        for block in self.layers:
-            x, t = block(x, bias, tap)
-            if tap is not None:
-                taps.append(t[:, 1:])                                         # (B, N, D): targets have no CLS
-        return self.norm(x)[:, 1:], taps
-
-
 def trunc_normal_(t, std=0.02):
     """BEiT's trunc_normal_: N(0, std²) cut at ±std (timm's with a = −std, b = std), so the actual std is ≈ 0.54·std."""
     return nn.init.trunc_normal_(t, std=std, a=-std, b=std)
@@ -252,70 +125,107 @@ def init_vit_params(module):
             nn.init.zeros_(module.bias)
 
 
-class Data2Vec(nn.Module):
-    """The student: [modality front-end] → `encoder` → regression head. The teacher is an EMA copy of `encoder`.
+class Transformer(nn.Module):
+    """L blocks, the part of the student that every modality shares (the teacher's EMA always covers it).
 
-    speech: feature encoder → mask embedding → positional encoder → Transformer. `encoder` is the Transformer
-            only: the teacher reads `teacher_input`, the unmasked features passed through the student's own
-            feature and positional encoders (fairseq `ema_transformer_only`, `ema_layers_only`; paper: 'share
-            the parameters of the feature encoder and the positional encoder').
-    vision: `encoder` is the whole VisionTransformer, patch embedding and relative position bias included
-            (BEiT ModelEmaV2 of the whole model); `teacher_input` is the same augmented image, unmasked.
+        post-LN (pre_ln False: fairseq wav2vec 2.0, RoBERTa):  [LayerNorm] → Dropout → L × Block, LayerDrop while training
+        pre-LN (pre_ln True: BEiT):                             L × PreLNBlock (stochastic depth 0 → drop_path) → LayerNorm
+
+    forward(x, attn_mask, tap, final_norm) → (output (B, T, D), [tap of every block (B, T, D)]).
+    attn_mask: the front-end's (encoders.FrontEnd.attention): bool (True = may attend) or a float bias on the logits.
+    """
+
+    def __init__(self, cfg: ModelConfig, pre_ln=False, input_norm=True):
+        super().__init__()
+        self.pre_ln = pre_ln
+        if pre_ln:
+            rates = [cfg.drop_path * i / max(cfg.layers - 1, 1) for i in range(cfg.layers)]  # linear 0 → drop_path
+            self.layers = nn.ModuleList(PreLNBlock(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.attn_dropout, rate, cfg.layer_scale,
+                                                   cfg.dropout) for rate in rates)
+            self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)                      # BEiT's final norm
+            self.layerdrop = 0.0                                               # BEiT drops paths inside the blocks instead
+        else:
+            self.layer_norm = nn.LayerNorm(cfg.dim) if input_norm else nn.Identity()   # text: the embedding's LN instead
+            self.dropout = nn.Dropout(cfg.dropout)
+            self.layers = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.dropout, cfg.attn_dropout)
+                                        for _ in range(cfg.layers))
+            self.norm = nn.Identity()
+            self.layerdrop = cfg.layerdrop
+            self.apply(init_bert_params)                                       # BEiT's init is init_beit_, with the front-end
+
+    def forward(self, x, attn_mask=None, tap=None, final_norm=True):
+        if not self.pre_ln:
+            x = self.dropout(self.layer_norm(x))                               # (B, T, D)
+        taps = []
+        for block in self.layers:
+            y, t = block(x, attn_mask, tap)
+            if self.training and self.layerdrop > 0:
+                # LayerDrop (fairseq encoder_layerdrop) as a select on a random scalar rather than a Python `if`:
+                # same output and gradients as skipping the block, but one static graph for torch.compile and DDP.
+                y = torch.where(torch.rand((), device=x.device) < self.layerdrop, x, y)
+            x = y
+            if tap is not None:
+                taps.append(t)
+        return self.norm(x) if final_norm else x, taps
+
+
+def init_beit_(front_end, encoder):
+    """BEiT's initialisation, in its order: trunc_normal_(0.02) for every Linear and Conv2d of the front-end and the
+    blocks (one pass), then the front-end's own parameters (CLS and mask tokens), then fix_init_weight: block l's
+    output projections divided by √(2l), so that deeper blocks add less."""
+    for module in (front_end, encoder):
+        module.apply(init_vit_params)
+    for token in front_end.parameters(recurse=False):
+        trunc_normal_(token)
+    for depth, block in enumerate(encoder.layers, start=1):
+        block.self_attn.out_proj.weight.data.div_(math.sqrt(2 * depth))
+        block.fc2.weight.data.div_(math.sqrt(2 * depth))
+
+
+class Data2Vec(nn.Module):
+    """The student: front-end → Transformer → regression head.
+
+        source ─ front_end: tokens, masked steps replaced ─ encoder: L blocks ─ drop the prefix (CLS) ─ regression_head
+
+    The front-end (encoders.FRONT_ENDS[modality]) also makes what the teacher reads and states what the teacher's EMA
+    covers (teacher.Teacher). Heads: one Linear (fairseq final_proj, BEiT lm_head, #4199), or D → 2D → GELU → D
+    (fairseq data2vec_text head_layers 2). Initialisation is the released code's: fairseq's per module (speech: PyTorch's
+    defaults for the convolutions and the head; text: init_bert_params everywhere), BEiT's in one pass (init_beit_).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.modality not in FRONT_ENDS:
+            raise ValueError(f"unknown modality {cfg.modality!r} ({', '.join(FRONT_ENDS)})")
         self.cfg = cfg
-        if cfg.modality == 'speech':
-            self.feature_encoder = SpeechFeatureEncoder(cfg.conv_dim, cfg.dim)
-            self.mask_emb = nn.Parameter(torch.empty(cfg.dim).uniform_())      # fairseq: uniform_() in [0, 1)
-            self.pos_encoder = ConvPositionalEncoder(cfg.dim, cfg.pos_conv_depth, cfg.pos_conv_kernel, cfg.pos_conv_groups)
-            self.encoder = Transformer(cfg)
-        elif cfg.modality == 'vision':
-            self.encoder = VisionTransformer(cfg)                             # holds the mask token
-        elif cfg.modality == 'text':
-            self.embed = TextEmbedding(cfg.vocab_size, cfg.dim, cfg.max_tokens, cfg.pad_id)
-            self.embed.apply(init_bert_params)
-            self.encoder = Transformer(cfg, input_norm=False)                # blocks only: the EMA skips the embeddings
-        else:
-            raise ValueError(f"unknown modality {cfg.modality!r} (speech, vision, text)")
-        if cfg.modality == 'text':                            # fairseq data2vec_text head_layers 2: D → 2D → GELU → D
+        self.front_end = FRONT_ENDS[cfg.modality](cfg)
+        self.encoder = Transformer(cfg, self.front_end.pre_ln, self.front_end.input_norm)
+        if self.front_end.pre_ln:
+            init_beit_(self.front_end, self.encoder)
+        if self.front_end.head_layers == 2:
             self.regression_head = nn.Sequential(nn.Linear(cfg.dim, 2 * cfg.dim), nn.GELU(), nn.Linear(2 * cfg.dim, cfg.dim))
-            self.regression_head.apply(init_bert_params)     # fairseq: apply(init_bert_params) over the whole model
+            self.regression_head.apply(init_bert_params)
         else:
-            self.regression_head = nn.Linear(cfg.dim, cfg.dim)   # fairseq final_proj, BEiT lm_head: one Linear (#4199)
-        if cfg.modality == 'vision':
-            init_vit_params(self.regression_head)
+            self.regression_head = nn.Linear(cfg.dim, cfg.dim)
+            if self.front_end.pre_ln:
+                init_vit_params(self.regression_head)
 
-    def encode(self, x, padding_mask=None, mask=None):
-        """Features x (B, T, D) → student output (B, T, D); masked steps see the mask embedding."""
-        if mask is not None:
-            x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)    # (B, T, D)
-        x, _ = self.encoder(self.pos_encoder(x, padding_mask), padding_mask)
-        return x
+    def encode(self, source, padding_mask=None, mask=None, final_norm=True, **extra):
+        """The student's output (B, T, D) without the prefix, and the padding (B, T) or None; no teacher input.
+        final_norm=False: the last block's output before BEiT's final LayerNorm (fine-tuning pools it)."""
+        x, padding, _ = self.front_end(source, padding_mask, mask, **extra)
+        x, _ = self.encoder(x, self.front_end.attention(x, padding), final_norm=final_norm)
+        return x[:, self.front_end.prefix:], padding
 
-    def forward(self, source, padding_mask=None, mask=None, original=None):
-        """source (B, S), padding_mask (B, S), mask (B, T) → pred (B, T, D), teacher_input (B, T, D), frame padding (B, T).
-        vision: source (B, 3, H, W), no padding, mask (B, N) → pred (B, N, D), teacher_input = source, None.
-        text: source = masked token ids (B, T), original = the uncorrupted ids (B, T) → pred (B, T, D), teacher_input
-              = the shared embedding of the original tokens (the paper; fairseq feeds the teacher masked tokens only,
-              issue #4881), padding (B, T) or None. The mask is already in the ids (masking.token_mask).
+    def forward(self, source, padding_mask=None, mask=None, **extra):
+        """source (B, S | 3, H, W | T), padding_mask, mask (B, T) → pred (B, T, D), teacher_input, padding (B, T) or None.
+        extra: what one front-end also reads (text: original, the uncorrupted ids for the teacher).
 
         The head runs on every step (cheap, and shapes stay static); the loss keeps the masked ones.
         """
-        if self.cfg.modality == 'vision':
-            x, _ = self.encoder(source, mask=mask)                            # (B, N, D)
-            return self.regression_head(x), source, None
-        if self.cfg.modality == 'text':
-            with torch.no_grad():
-                teacher_input = self.embed(original)                          # (B, T, D)
-            x, _ = self.encoder(self.embed(source), padding_mask)             # (B, T, D)
-            return self.regression_head(x), teacher_input, padding_mask
-        x, frame_padding = self.feature_encoder(source, padding_mask)         # (B, T, D)
-        with torch.no_grad():                                                 # the teacher's view: unmasked, no gradient
-            teacher_input = self.pos_encoder(x, frame_padding)
-        pred = self.regression_head(self.encode(x, frame_padding, mask))      # (B, T, D)
-        return pred, teacher_input, frame_padding
+        x, padding, teacher_input = self.front_end(source, padding_mask, mask, teacher=True, **extra)   # (B, T', D)
+        x, _ = self.encoder(x, self.front_end.attention(x, padding))
+        return self.regression_head(x[:, self.front_end.prefix:]), teacher_input, padding
 
     def num_params(self, head=False):
         return sum(p.numel() for n, p in self.named_parameters() if head or not n.startswith('regression_head'))

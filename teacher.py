@@ -12,11 +12,46 @@ Legend as in model.py.
 import copy
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
+class Teacher(nn.Module):
+    """The EMA teacher: a frozen copy, made right after the student is initialised, of the parts the EMA averages.
+
+    It always averages the student's Transformer. It averages the front-end too where the front-end says so
+    (`averaged`: vision, BEiT's EMA of the whole model) and then reads the raw input through its own copy. Otherwise
+    the front-end is shared (speech: the feature and positional encoders, paper; text: the embeddings, fairseq): the
+    teacher reads the tokens the student's front-end made of the unmasked input, and holds that front-end in a plain
+    list, so it is neither copied, averaged nor saved. The state dict's keys are the student's for the same parts.
+    """
+
+    def __init__(self, student):
+        super().__init__()
+        self.front_end = copy.deepcopy(student.front_end) if student.front_end.averaged else None
+        self.encoder = copy.deepcopy(student.encoder)
+        self.shared = [student.front_end]                                     # a list: not a submodule
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def averaged_part(student):
+        """The student modules this teacher follows, under the same names and in the same order (ema_update_)."""
+        parts = dict(front_end=student.front_end) if student.front_end.averaged else {}
+        return nn.ModuleDict(dict(parts, encoder=student.encoder))
+
+    def forward(self, x, padding_mask=None, tap='ffn', window=0):
+        """x: the raw input (averaged front-end) or the student front-end's tokens (B, T, D) of the unmasked input
+        (shared) → the chosen tap of every block, (B, T, D) each, without the front-end's prefix (CLS)."""
+        front_end = self.shared[0] if self.front_end is None else self.front_end
+        if self.front_end is not None:
+            x, padding_mask, _ = self.front_end(x, padding_mask)              # (B, T', D)
+        _, taps = self.encoder(x, front_end.attention(x, padding_mask, window), tap)
+        return [t[:, front_end.prefix:] for t in taps]
+
+
 def make_teacher(module):
-    """The teacher starts as an exact copy of the (just initialised) student module, frozen, in eval mode."""
+    """A frozen copy of any module in eval mode (Teacher does this for the student's averaged parts)."""
     teacher = copy.deepcopy(module)
     teacher.requires_grad_(False)
     return teacher.eval()
@@ -43,7 +78,7 @@ def normalize(a, kind, padding_mask=None, eps=1e-5):
     """Parameter-free normalisation of one block's output a: (B, T, D), in fp32.
 
     'instance': per utterance and channel, over time (F.instance_norm on (B, D, T)); padded steps are
-                left out of the statistics (fairseq includes them; see README, Deviations).
+                left out of the statistics (fairseq includes them; DEVIATIONS.md 3).
     'layer':    per step, over channels (F.layer_norm).   'none': unchanged.
     """
     a = a.float()
@@ -69,5 +104,5 @@ def make_targets(layer_outputs, kind='instance', padding_mask=None, post='none')
 @torch.no_grad()
 def teacher_targets(teacher, teacher_input, padding_mask=None, tap='ffn', top_k=8, norm='instance', window=0, post='none'):
     """Run the teacher on the unmasked input and average its top-K taps. window: teacher context ±W (0 = all)."""
-    _, taps = teacher(teacher_input, padding_mask, tap=tap, window=window)
+    taps = teacher(teacher_input, padding_mask, tap=tap, window=window)
     return make_targets(taps[-top_k:], norm, padding_mask, post)

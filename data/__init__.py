@@ -1,11 +1,41 @@
-"""Data for each modality: an embedded synthetic set (no download) and a reader for real files; and `batches`, the
-endless, resumable stream of micro-batches that train.py and finetune.py draw from."""
+"""Data for each modality, one module each (data/speech.py, data/vision.py, data/text.py): an embedded synthetic set
+(no download), a reader for real files, and the module's own batches. Every module answers the same calls:
+
+    pretraining_data(mcfg, cfg, resume_dir)  → (dataset, collate): train.py's samples and how they become a batch
+                                               (crops or augmentation, and masks): a dict of tensors for model.Data2Vec
+    bench_data(mcfg, cfg, size, seconds)     → (dataset, collate, tokens per sample) of a fixed shape, for bench.py
+    labelled_set(path, cfg, mcfg), embedded(split, mcfg), labelled_collate(items, cfg, mcfg, train)   finetune.py's
+    (text also prepare_labelled: sentences → token ids once the tokenizer is known)
+
+Here: `modality(name)`, the module of a modality, and `batches`, the endless, resumable stream of micro-batches that
+train.py and finetune.py draw from.
+"""
+import importlib
+
 import numpy as np
 import torch
 
 
 class DataError(ValueError):
     """Bad input data; the message names the file or the flag."""
+
+
+def modality(name):
+    """The data module of a modality: data.speech, data.vision or data.text."""
+    return importlib.import_module(f'data.{name}')
+
+
+class Repeat(torch.utils.data.Dataset):
+    """`length` items (input, label), cycling over a pool of inputs: a benchmark's data of a fixed shape."""
+
+    def __init__(self, inputs, label, length):
+        self.inputs, self.label, self.length = inputs, label, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return self.inputs[i % len(self.inputs)], self.label
 
 
 class MicroBatches(torch.utils.data.Dataset):

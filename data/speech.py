@@ -5,8 +5,13 @@ SyntheticSpeech(n, seed)  utterances of 1–4 s at 16 kHz made of phone-like uni
                           with its transcript: upper-case letters and spaces, one letter per unit.
 AudioFolder(root)         every .wav/.flac under root; transcripts from LibriSpeech-style *.trans.txt.
 Both return (waveform float32 (S,), transcript str). `crop_and_pad` batches them.
+
+pretraining_data, collate         train.py's speech: crops (the shortest clip's length, or padded) and span masks
+labelled_set, embedded, labelled_collate, CTC_VOCAB   finetune.py's: letter CTC or clip classes, SpecAugment masks
+bench_data                        bench.py's noise clips of a fixed length
 """
 import struct
+from functools import partial
 from math import gcd
 from pathlib import Path
 
@@ -16,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DataError
+from data import DataError, Repeat
+from encoders import conv_output_length
+from masking import span_mask
 
 SR = 16_000
 MIN_SECONDS = 0.25                      # shorter files are left out of training (12 frames)
@@ -203,6 +210,8 @@ class AudioFolder(torch.utils.data.Dataset):
                 lengths.append(-1)
                 self.unreadable.append(str(e))
         self.skipped = [p for p, n in zip(self.files, lengths) if 0 <= n < min_samples]
+        self.notes = [f'skipped {len(self.skipped)} files shorter than {min_samples / sample_rate} s, e.g. {self.skipped[0]}'] \
+            if self.skipped else []
         kept = [(p, n) for p, n in zip(self.files, lengths) if n >= min_samples]
         if not kept:
             raise DataError(f'--data {root}: every audio file is shorter than {min_samples} samples')
@@ -249,3 +258,88 @@ def crop_and_pad(waves, max_len, generator=None):
     for b, w in enumerate(crops):
         source[b, :len(w)], padding_mask[b, :len(w)] = w, False
     return source, padding_mask
+
+
+# ---------------------------------------------------------------------------------------------- pretraining batches
+def pretraining_data(mcfg, cfg, resume_dir=None):
+    """(dataset, collate) for train.py: --data (an AudioFolder) or the embedded corpus."""
+    dataset = (AudioFolder(cfg.data, min_samples=int(MIN_SECONDS * SR), strict=cfg.strict_data) if cfg.data else
+               SyntheticSpeech(seed=0))
+    return dataset, partial(collate, cfg=cfg)
+
+
+def collate(items, cfg, generator=None):
+    """Items → dict(source (B, S), padding_mask (B, S) or None, mask (B, T)), every random draw from `generator`.
+
+    Crops of the shortest clip's length rounded down to --crop-step (fairseq crops every clip to the shortest, so
+    nothing is padded; the rounding bounds the shapes torch.compile meets), or ≤ --crop and padded (--pad); span masks.
+    """
+    waves = [w for w, _ in items]
+    shortest = min(len(w) for w in waves)
+    longest = cfg.crop if cfg.pad else min(cfg.crop, shortest // cfg.crop_step * cfg.crop_step or shortest)
+    source, padding_mask = crop_and_pad(waves, longest, generator)        # (B, S)
+    frames = conv_output_length((~padding_mask).sum(1))                   # (B,) valid frames
+    mask = span_mask(frames, conv_output_length(source.shape[1]), cfg.mask_prob, cfg.mask_length, generator=generator)
+    return dict(source=source, padding_mask=padding_mask if padding_mask.any() else None, mask=mask)
+
+
+def bench_data(mcfg, cfg, size, seconds, seed=0):
+    """bench.py: `size` clips of `seconds` of noise (a pool of 4 × --batch-size), the collate (--crop raised to the clips'
+    length: nothing is cropped shorter), and the shape: frames per clip, seconds."""
+    samples = round(seconds * SR)
+    cfg.crop = max(samples, SR)
+    pool = 0.1 * torch.randn(4 * cfg.batch_size, samples, generator=torch.Generator().manual_seed(seed))   # (n, S)
+    return Repeat(pool, '', size), partial(collate, cfg=cfg), dict(seconds=seconds, tokens_per_sample=conv_output_length(samples))
+
+
+# ---------------------------------------------------------------------------------------------- labelled (fine-tuning)
+BLANK, LETTERS = '<blank>', "|ABCDEFGHIJKLMNOPQRSTUVWXYZ'"    # wav2vec 2.0's letter dictionary; '|' = word boundary
+CTC_VOCAB = [BLANK] + list(LETTERS)                           # blank = 0
+
+
+def encode_transcript(text, where=''):
+    """'Hello world' → ids of H E L L O | W O R L D. Letters are upper-cased and runs of spaces are one boundary; any other
+    character (digits, punctuation but the apostrophe) is an error naming `where` (file:line)."""
+    text = ' '.join(text.upper().split())
+    bad = sorted(set(text) - set(LETTERS) - {' '})
+    if bad or not text:
+        raise DataError(f'{where}: transcript {text[:60]!r} ' + (f'has characters outside the CTC vocabulary A–Z, \' and space: '
+                        f'{"".join(bad)!r}' if bad else 'is empty') + '; normalise it first (e.g. numbers as words)')
+    return [CTC_VOCAB.index('|' if c == ' ' else c) for c in text]
+
+
+def labelled_set(path, cfg, mcfg):
+    """(dataset of (waveform, transcript or ''), targets: the folder names (classify) or transcript ids (ctc))."""
+    ds = AudioFolder(path, min_samples=int(MIN_SECONDS * SR), strict=cfg.strict_data)
+    if cfg.task == 'classify':
+        return ds, [f.parent.name for f in ds.files]
+    missing = [f for f in ds.files if f.stem not in ds.transcripts]
+    if missing:
+        raise DataError(f'{missing[0]}: no transcript (expected a line "{missing[0].stem} TEXT" in a *.trans.txt under {path})')
+    return ds, [encode_transcript(ds.transcripts[f.stem], ds.transcript_lines[f.stem]) for f in ds.files]
+
+
+def embedded(split, mcfg):
+    """The embedded corpus with its transcripts (no classes: --task classify needs --data)."""
+    return SyntheticSpeech(2048 if split == 'train' else 256, split=split)
+
+
+def labelled_collate(items, cfg, mcfg, train, generator=None):
+    """→ dict(source (B, S), padding_mask, labels, lengths (ctc) or None, mask (B, T), channel_mask (B, D)).
+    Classification crops training clips to --crop (CTC never crops); SpecAugment-style masks while training."""
+    inputs, targets = [x for x, _ in items], [y for _, y in items]
+    source, padding_mask = crop_and_pad(inputs, cfg.crop if cfg.task == 'classify' and train else 10 ** 9, generator)  # (B, S)
+    if cfg.task == 'ctc':                                          # embedded speech: transcripts as text
+        targets = [encode_transcript(t, 'embedded speech') if isinstance(t, str) else t for t in targets]
+        labels, lengths = torch.tensor([c for t in targets for c in t]), torch.tensor([len(t) for t in targets])
+    else:
+        labels, lengths = torch.tensor(targets), None
+    time_mask = channel_mask = None
+    if train and cfg.mask_prob > 0:
+        frames = conv_output_length((~padding_mask).sum(1))                      # (B,)
+        time_mask = span_mask(frames, conv_output_length(source.shape[1]), cfg.mask_prob, cfg.mask_length, generator=generator)
+    if train and cfg.mask_channel_prob > 0:
+        channel_mask = span_mask(torch.full((len(items),), mcfg.dim), mcfg.dim, cfg.mask_channel_prob, cfg.mask_channel_length,
+                                 generator=generator)  # (B, D)
+    return dict(source=source, padding_mask=padding_mask if padding_mask.any() else None, labels=labels, lengths=lengths,
+                mask=time_mask, channel_mask=channel_mask)

@@ -5,12 +5,17 @@ read_corpus(path)           a .txt file or a folder of them → documents (blank
 train_tokenizer(docs, V)    GPT-2/RoBERTa-style byte-level BPE with the specials <s> <pad> </s> <unk> <mask> at 0..4.
 pack_blocks(docs, tok, B)   one token stream (</s> between documents) cut into blocks <s> … </s> of B tokens.
 TokenBlocks(blocks)         those blocks as a dataset: item i → (LongTensor (B,), 0).
+
+pretraining_data, collate                     train.py's text: the tokenizer, packed blocks, BERT or span masking
+labelled_set, embedded, prepare_labelled, labelled_collate   finetune.py's: sentences (pairs) and labels → token ids
+bench_data                                    bench.py's random token blocks
 """
 import hashlib
 import json
 import os
 import random
 import re
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +23,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from data import DataError
+from torch.nn.utils.rnn import pad_sequence
+
+from data import DataError, Repeat
+from masking import token_mask
 
 SPECIALS = ('<s>', '<pad>', '</s>', '<unk>', '<mask>')       # RoBERTa's; ids 0..4 in every tokenizer trained here
 BOS, PAD, EOS, UNK, MASK = range(5)                          # (a loaded RoBERTa vocab has <mask> at 50264: look it up)
@@ -396,13 +404,100 @@ def pack_blocks(documents, tokenizer, block_size=512, chunk=4096):
 
 class TokenBlocks(torch.utils.data.Dataset):
     """Packed blocks (N, block_size) as a dataset: item i → (LongTensor (block_size,), 0); the 0 is a dummy label,
-    so items have the (input, label) shape of the other modalities."""
+    so items have the (input, label) shape of the other modalities. `tokenizer` made them; `save(out)` writes it
+    to out/tokenizer.json, to turn a checkpoint's ids back into text and to resume with the same ids."""
 
-    def __init__(self, blocks):
-        self.blocks = blocks
+    def __init__(self, blocks, tokenizer=None, unreadable=None):
+        self.blocks, self.tokenizer, self.unreadable = blocks, tokenizer, unreadable
+
+    def save(self, out):
+        self.tokenizer.save(str(Path(out) / 'tokenizer.json'))
 
     def __len__(self):
         return len(self.blocks)
 
     def __getitem__(self, i):
         return self.blocks[i], 0
+
+
+# ---------------------------------------------------------------------------------------------- pretraining batches
+def pretraining_data(mcfg, cfg, resume_dir=None):
+    """(dataset, collate) for train.py: documents from --data or the embedded grammar, the tokenizer (--tokenizer, the
+    resumed run's tokenizer.json in `resume_dir`, or a BPE trained here), which sets mcfg.vocab_size and pad_id, and
+    the documents packed into blocks. Files that do not decode are listed in `dataset.unreadable` (--strict-data: an error)."""
+    unreadable = None if cfg.strict_data else []
+    documents = read_corpus(cfg.data, cfg.encoding, unreadable) if cfg.data else SyntheticText(seed=0).documents()
+    saved = Path(resume_dir) / 'tokenizer.json' if resume_dir and not cfg.tokenizer else ''
+    tokenizer = (read_tokenizer(saved or cfg.tokenizer) if saved or cfg.tokenizer else
+                 train_tokenizer(documents, mcfg.vocab_size, cfg.data and tokenizer_cache_path(cfg.data, mcfg.vocab_size)))
+    mcfg.vocab_size, mcfg.pad_id = tokenizer.get_vocab_size(), tokenizer.token_to_id('<pad>')
+    dataset = TokenBlocks(pack_blocks(documents, tokenizer, cfg.block_size), tokenizer, unreadable)
+    return dataset, partial(collate, cfg=cfg, mask_id=tokenizer.token_to_id('<mask>'), ordinary=ordinary_ids(tokenizer))
+
+
+def collate(items, cfg, mask_id, ordinary, generator=None):
+    """Items → dict(source: masked blocks (B, T), mask: the <mask> positions (B, T), original: the blocks (B, T), which
+    the teacher reads), every random draw from `generator`. bert: 80% <mask>, 10% random, 10% kept; span: all <mask>."""
+    original = torch.stack([block for block, _ in items])                   # (B, T)
+    corrupt = (0.1, 0.1) if cfg.text_mask == 'bert' else (0.0, 0.0)          # random, kept
+    source, mask = token_mask(original, mask_id, ordinary, cfg.mask_prob, cfg.mask_length, *corrupt, generator=generator)
+    return dict(source=source, mask=mask, original=original)
+
+
+def bench_data(mcfg, cfg, size, seconds=None, seed=0):
+    """bench.py: `size` blocks <s> … </s> of random ordinary ids in data.text's layout (specials 0–4, <mask> taken as
+    the last id), the collate, and the shape: tokens per block. Sets mcfg.pad_id to <pad>."""
+    mcfg.pad_id = PAD
+    n, inner = 4 * cfg.batch_size, cfg.block_size - 2
+    pool = torch.randint(UNK + 1, mcfg.vocab_size - 1, (n, inner), generator=torch.Generator().manual_seed(seed))  # (n, T − 2)
+    pool = torch.cat([torch.full((n, 1), BOS), pool, torch.full((n, 1), EOS)], 1)                               # (n, T)
+    masking = partial(collate, cfg=cfg, mask_id=mcfg.vocab_size - 1, ordinary=(UNK + 1, mcfg.vocab_size - 1))
+    return Repeat(pool, 0, size), masking, dict(seconds=None, tokens_per_sample=cfg.block_size)
+
+
+# ---------------------------------------------------------------------------------------------- labelled (fine-tuning)
+def labelled_set(path, cfg, mcfg):
+    """([(texts, label)], labels) from a GLUE-style TSV or label-sentence lines (read_labelled); ids come later."""
+    examples = read_labelled(path, cfg.encoding)
+    return examples, [label for _, label in examples]
+
+
+def embedded(split, mcfg):
+    """The embedded sentences: label = the topic, i % 6, so every class is as frequent."""
+    return SyntheticText(2048 if split == 'train' else 512, split=split)
+
+
+def as_tuple(texts):
+    return (texts,) if isinstance(texts, str) else texts                  # the embedded set: one sentence, a str
+
+
+def prepare_labelled(train, test, train_indices, cfg, mcfg):
+    """Sentences → token ids, once, up front: with --tokenizer, else the checkpoint's tokenizer.json, else (--init
+    scratch) a BPE trained on the training texts. Sets mcfg.vocab_size and pad_id. → (train, test) as [(ids, label)]."""
+    if cfg.tokenizer or cfg.init != 'scratch':
+        tokenizer = read_tokenizer(cfg.tokenizer or Path(cfg.init).parent / 'tokenizer.json')
+    else:
+        tokenizer = train_tokenizer([t for i in train_indices for t in as_tuple(train[i][0])], mcfg.vocab_size)
+    if mcfg.vocab_size != tokenizer.get_vocab_size() and cfg.init != 'scratch':
+        raise DataError(f'the tokenizer has {tokenizer.get_vocab_size()} tokens, --init {cfg.init} {mcfg.vocab_size}')
+    mcfg.vocab_size, mcfg.pad_id = tokenizer.get_vocab_size(), tokenizer.token_to_id('<pad>')
+    return encode_texts(train, tokenizer, mcfg.max_tokens), encode_texts(test, tokenizer, mcfg.max_tokens)
+
+
+def encode_texts(examples, tokenizer, max_tokens):
+    """[(texts, label)] → [(LongTensor ids, label)]: <s> a </s> or <s> a </s></s> b </s> (RoBERTa), cut to max_tokens."""
+    bos, eos = tokenizer.token_to_id('<s>'), tokenizer.token_to_id('</s>')
+    out = []
+    for i in tqdm(range(len(examples)), desc='tokenizing', disable=len(examples) < 5000, leave=False):
+        texts, label = examples[i]                                        # (a Dataset need not stop iterating at len)
+        parts = [tokenizer.encode(t, add_special_tokens=False).ids for t in as_tuple(texts)]
+        ids = [bos] + parts[0] + [eos] + (([eos] + parts[1] + [eos]) if len(parts) > 1 else [])
+        out.append((torch.tensor(ids[:max_tokens - 1] + [eos] if len(ids) > max_tokens else ids), label))
+    return out
+
+
+def labelled_collate(items, cfg, mcfg, train, generator=None):
+    """→ dict(source: ids padded with <pad> (B, T), padding_mask (B, T) or None, labels (B,))."""
+    source = pad_sequence([x for x, _ in items], batch_first=True, padding_value=mcfg.pad_id)  # (B, T)
+    padding = source == mcfg.pad_id
+    return dict(source=source, padding_mask=padding if padding.any() else None, labels=torch.tensor([y for _, y in items]))

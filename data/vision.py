@@ -3,8 +3,13 @@
 SyntheticImages(size, seed)  shapes of 8 classes with random colours, textures, size, position and rotation.
 ImageFolder(root)            the torchvision layout root/<class>/<image files>, headers checked at start-up.
 Both return (image uint8 (3, H, W), label int). `augment` turns one image into a float32 training crop.
+
+pretraining_data, collate                     train.py's images: BEiT augmentation and block masks
+labelled_set, embedded, labelled_collate      finetune.py's: class folders, augmented or centre-cropped images
+bench_data                                    bench.py's noise images
 """
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +18,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from data import DataError
+from config import patch_mask_size
+from data import DataError, Repeat
+from masking import block_mask
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 
@@ -249,3 +256,57 @@ def augment(image, size, min_scale=0.08, generator=None):
     for k in order:
         img = jitters[k](img, factors[k]).clamp(0, 1)
     return img
+
+
+def resize(image, size):
+    """Evaluation view: uint8 (3, H, W) → float (3, size, size) in [0, 1]: shorter side to `size`, centre crop."""
+    img = image.float() / 255
+    if img.shape[1:] != (size, size):
+        scale = size / min(img.shape[1:])
+        h, w = max(size, round(img.shape[1] * scale)), max(size, round(img.shape[2] * scale))
+        img = F.interpolate(img[None], size=(h, w), mode='bicubic', antialias=True)[0].clamp(0, 1)
+        top, left = (h - size) // 2, (w - size) // 2
+        img = img[:, top:top + size, left:left + size]
+    return img
+
+
+# ---------------------------------------------------------------------------------------------- pretraining batches
+def pretraining_data(mcfg, cfg, resume_dir=None):
+    """(dataset, collate) for train.py: --data (an ImageFolder) or the embedded shapes."""
+    dataset = (ImageFolder(cfg.data, min_size=mcfg.image_size, strict=cfg.strict_data) if cfg.data else
+               SyntheticImages(seed=0, image_size=mcfg.image_size))
+    return dataset, partial(collate, mcfg=mcfg, cfg=cfg)
+
+
+def collate(items, mcfg, cfg, generator=None):
+    """Items → dict(source: augmented images (B, 3, H, W), mask: BEiT block masks (B, N) of round(mask_prob · N)
+    patches), every random draw from `generator`. The teacher sees the same augmented image, unmasked."""
+    grid, count = patch_mask_size(mcfg, cfg)
+    images = torch.stack([augment(image, mcfg.image_size, cfg.min_crop_scale, generator) for image, _ in items])
+    return dict(source=images, mask=block_mask(len(items), (grid, grid), count, cfg.mask_length, generator=generator))
+
+
+def bench_data(mcfg, cfg, size, seconds=None, seed=0):
+    """bench.py: `size` uint8 noise images (a pool of 4 × --batch-size), the collate, and the shape: patches per image."""
+    pool = torch.randint(0, 256, (4 * cfg.batch_size, 3, mcfg.image_size, mcfg.image_size), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed))
+    return Repeat(pool, 0, size), partial(collate, mcfg=mcfg, cfg=cfg), dict(seconds=None, tokens_per_sample=(mcfg.image_size // mcfg.patch_size) ** 2)
+
+
+# ---------------------------------------------------------------------------------------------- labelled (fine-tuning)
+def labelled_set(path, cfg, mcfg):
+    """(ImageFolder of (image, label), the class names of its items); smaller images are resized up."""
+    ds = ImageFolder(path, strict=cfg.strict_data)
+    return ds, [ds.classes[label] for _, label in ds.samples]
+
+
+def embedded(split, mcfg):
+    """The embedded shapes: label = i % 8 classes, so every class is as frequent."""
+    return SyntheticImages(2048 if split == 'train' else 512, image_size=mcfg.image_size, split=split)
+
+
+def labelled_collate(items, cfg, mcfg, train, generator=None):
+    """→ dict(source (B, 3, H, W), labels (B,)): BEiT's augmentation while training (crops of ≥ 0.35 of the image),
+    a centre crop to evaluate."""
+    images = [augment(x, mcfg.image_size, 0.35, generator) if train else resize(x, mcfg.image_size) for x, _ in items]
+    return dict(source=torch.stack(images), labels=torch.tensor([y for _, y in items]))

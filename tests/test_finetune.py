@@ -22,7 +22,8 @@ import torch
 import finetune
 from conftest import ROOT
 from data import DataError
-from data.labelled import CTC_VOCAB, balanced_subset, encode_transcript, load_data
+from data.labelled import balanced_subset, load_data
+from data.speech import CTC_VOCAB, encode_transcript
 from model import ModelConfig
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
@@ -77,7 +78,8 @@ def test_evaluation_scores_a_perfect_ctc_model_zero():
         def forward(self, source, padding_mask=None):
             return 10 * torch.nn.functional.one_hot(torch.tensor([path]), len(CTC_VOCAB)).float(), None
 
-    batch = (torch.zeros(1, 16_000), None, torch.tensor(transcript), torch.tensor([len(transcript)]))
+    batch = dict(source=torch.zeros(1, 16_000), padding_mask=None, labels=torch.tensor(transcript),
+                 lengths=torch.tensor([len(transcript)]))
     metrics, examples, n = finetune.evaluate(Perfect(), [(batch, [])], types.SimpleNamespace(task='ctc'), None, 'cpu', nullcontext())
     assert examples == [('HELLO ALL', 'HELLO ALL')]
     assert metrics == dict(wer=0.0, cer=0.0)
@@ -106,12 +108,13 @@ def test_ctc_loss_is_minus_log_of_the_summed_alignments_per_sentence():
                     for b, t in enumerate(targets)) / 3
     assert brute_force_ctc_prob(probs[1], [1, 1]) == pytest.approx((probs[1, 0, 1] * probs[1, 1, 0] * probs[1, 2, 1]).item())
 
-    def model(source, padding_mask, time_mask, channel_mask):
+    def model(source, padding_mask, mask, channel_mask):
         return logits, frame_padding
     labels, lengths = torch.tensor([c for t in targets for c in t]), torch.tensor([len(t) for t in targets])
-    loss = finetune.loss_fn(model, (None, None, labels, lengths, None, None), types.SimpleNamespace(task='ctc'), 0.0)
+    batch = dict(source=None, padding_mask=None, labels=labels, lengths=lengths, mask=None, channel_mask=None)
+    loss = finetune.loss_fn(model, batch, types.SimpleNamespace(task='ctc'), 0.0)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    one = finetune.loss_fn(lambda *a: (logits[:1], None), (None, None, torch.tensor([1, 2]), torch.tensor([2]), None, None),
+    one = finetune.loss_fn(lambda **a: (logits[:1], None), dict(source=None, labels=torch.tensor([1, 2]), lengths=torch.tensor([2])),
                            types.SimpleNamespace(task='ctc'), 0.0)            # no frame padding: every frame counts
     assert one.item() == pytest.approx(-math.log(brute_force_ctc_prob(probs[0], [1, 2])), rel=1e-5)
 
@@ -174,12 +177,12 @@ def test_layer_decay_groups_follow_beit():
     def expected_scale(name):
         if name.startswith('backbone.encoder.layers.'):
             return decay ** (L - int(name.split('.')[3]))
-        if name.startswith(('backbone.encoder.patch_embed.', 'backbone.encoder.cls_token', 'backbone.encoder.mask_token')):
+        if name.startswith(('backbone.front_end.patch_embed.', 'backbone.front_end.cls_token', 'backbone.front_end.mask_token')):
             return decay ** (L + 1)
-        assert name.startswith(('backbone.encoder.norm.', 'backbone.encoder.rel_pos_bias.', 'fc_norm.', 'head.')), name
+        assert name.startswith(('backbone.encoder.norm.', 'backbone.front_end.rel_pos_bias.', 'head.')), name
         return 1.0
 
-    groups = finetune.layer_decay_groups(model, wd, decay)
+    groups = finetune.layer_decay_groups(model, wd, decay, no_decay_1d=True)
     group_of = {}
     for g in groups:
         for p in g['params']:
@@ -191,13 +194,13 @@ def test_layer_decay_groups_follow_beit():
     for name, p in named.items():
         g = group_of[id(p)]
         assert g['lr_scale'] == pytest.approx(expected_scale(name)), name
-        no_decay = p.ndim == 1 or name in ('backbone.encoder.cls_token', 'backbone.encoder.rel_pos_bias.table')
+        no_decay = p.ndim == 1 or name in ('backbone.front_end.cls_token', 'backbone.front_end.rel_pos_bias.table')
         assert g['weight_decay'] == (0.0 if no_decay else wd), name
-    assert group_of[id(named['head.weight'])]['weight_decay'] == wd        # 2-D weights decay
+    assert group_of[id(named['head.proj.weight'])]['weight_decay'] == wd   # 2-D weights decay
     assert group_of[id(named['backbone.encoder.layers.1.fc1.weight'])]['weight_decay'] == wd
 
     model.backbone.requires_grad_(False)                                   # linear probe: the head only, at scale 1
-    probe = finetune.layer_decay_groups(model, wd, decay)
+    probe = finetune.layer_decay_groups(model, wd, decay, no_decay_1d=True)
     head = {id(p) for n, p in named.items() if not n.startswith('backbone.')}
     assert {id(p) for g in probe for p in g['params']} == head and all(g['lr_scale'] == 1 for g in probe)
 
@@ -254,9 +257,9 @@ def test_held_out_split_is_disjoint_and_independent_of_the_seed(tmp_path):
     splits = []
     for seed in (0, 7):
         torch.manual_seed(seed + 100)
-        cfg = finetune.parse_args(['--modality', 'speech', '--task', 'classify', '--init', 'scratch', '--data', str(folder),
+        cfg = finetune.parse_finetune_args(['--modality', 'speech', '--task', 'classify', '--init', 'scratch', '--data', str(folder),
                                    '--seed', str(seed)])
-        train, test, classes = load_data(cfg, ModelConfig(), None)
+        train, test, classes = load_data(cfg, ModelConfig())
         assert classes == ['no', 'yes'] and train.base is test.base
         assert not set(train.indices) & set(test.indices) and sorted(train.indices + test.indices) == list(range(10))
         assert len(test) == 2                                              # round(0.2 · 10)
@@ -272,9 +275,9 @@ def test_held_out_split_never_leaves_an_empty_training_set(tmp_path):
     (tmp_path / 'one').mkdir()
     sf.write(tmp_path / 'one' / 'u1.wav', np.zeros(8000, np.float32), 16_000)
     (tmp_path / 'one' / 'a.trans.txt').write_text('u1 HELLO\n')
-    cfg = finetune.parse_args(['--modality', 'speech', '--init', 'scratch', '--data', str(tmp_path / 'one')])
+    cfg = finetune.parse_finetune_args(['--modality', 'speech', '--init', 'scratch', '--data', str(tmp_path / 'one')])
     try:
-        train, _, _ = load_data(cfg, ModelConfig(), None)
+        train, _, _ = load_data(cfg, ModelConfig())
     except DataError:
         return
     assert len(train) > 0
@@ -356,9 +359,9 @@ def test_speech_classify_folder_from_the_teacher(tmp_path, speech_checkpoint):
     assert m['test_examples'] == 6 and '| init pretrained (probe) |' in r.stdout
     ckpt = torch.load(speech_checkpoint, weights_only=True)
     tuned = torch.load(tmp_path / 'out' / 'finetuned.pt', weights_only=True)['model']
-    assert any(not torch.equal(ckpt['teacher'][k], ckpt['student']['encoder.' + k]) for k in ckpt['teacher'])
+    assert any(not torch.equal(ckpt['teacher'][k], ckpt['student'][k]) for k in ckpt['teacher'])
     for k, v in ckpt['teacher'].items():
-        assert torch.equal(tuned['backbone.encoder.' + k], v), k
+        assert torch.equal(tuned['backbone.' + k], v), k
     for k, v in ckpt['student'].items():
         if not k.startswith(('encoder.', 'regression_head.')):
             assert torch.equal(tuned['backbone.' + k], v), k
@@ -391,7 +394,7 @@ def test_linear_probe_trains_the_head_only(tmp_path, vision_checkpoint):
     tuned, backbone, student = tuned_and_student(tmp_path, vision_checkpoint)
     for k, v in backbone.items():
         assert torch.equal(v, student[k]), k
-    assert tuned['head.bias'].abs().max() > 0 and not torch.equal(tuned['fc_norm.weight'], torch.ones(32))
+    assert tuned['head.proj.bias'].abs().max() > 0 and not torch.equal(tuned['head.fc_norm.weight'], torch.ones(32))
 
 
 def test_full_fine_tuning_changes_the_encoder(tmp_path, vision_checkpoint):
@@ -401,7 +404,7 @@ def test_full_fine_tuning_changes_the_encoder(tmp_path, vision_checkpoint):
     check_run(r, tmp_path, 'vision', 'classify', 3, 2048, init=f'{vision_checkpoint} (student, step 1)')
     _, backbone, student = tuned_and_student(tmp_path, vision_checkpoint)
     changed = {k for k, v in backbone.items() if not torch.equal(v, student[k])}
-    assert 'encoder.patch_embed.proj.weight' in changed
+    assert 'front_end.patch_embed.proj.weight' in changed
     assert {int(k.split('.')[2]) for k in changed if k.startswith('encoder.layers.')} == {0, 1}
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from encoders import SpeechFeatureEncoder, conv_output_length
 from model import Block, Data2Vec, ModelConfig, SelfAttention, Transformer, attention_mask, regression_loss
+from teacher import Teacher
 
 TINY = ModelConfig(dim=32, layers=3, heads=4, ffn_dim=64, conv_dim=16, dropout=0.0, attn_dropout=0.0, layerdrop=0.0)
 
@@ -51,7 +52,8 @@ def test_teacher_context_window_limits_what_a_step_sees():
     x = torch.randn(1, 20, 16)
     x2 = x.clone()
     x2[0, 15] += torch.randn(16)                                      # (a constant shift would vanish in the LayerNorm)
-    y, y2 = enc(x, window=3)[0], enc(x2, window=3)[0]
+    window = attention_mask(None, 20, 3)
+    y, y2 = enc(x, window)[0], enc(x2, window)[0]
     torch.testing.assert_close(y[0, :12], y2[0, :12])                 # |t − 15| > 3: untouched
     torch.testing.assert_close(y[0, 19:], y2[0, 19:])
     assert not torch.allclose(y[0, 12:19], y2[0, 12:19])
@@ -117,26 +119,34 @@ def test_layerdrop_skips_whole_blocks_only_in_training():
     assert not torch.allclose(enc.eval()(x)[0], enc.layer_norm(x))    # eval: no LayerDrop
 
 
+class GivenFeatures(torch.nn.Module):
+    """Stands in for the conv feature encoder: the 'waveform' is already the features (B, T, D)."""
+
+    def forward(self, x, padding_mask=None):
+        return x, padding_mask
+
+
 def test_masked_frames_see_the_mask_embedding():
     torch.manual_seed(0)
     model = Data2Vec(TINY).eval()
+    model.front_end.feature_encoder = GivenFeatures()
     x = torch.randn(2, 30, 32)
     mask = torch.zeros(2, 30, dtype=torch.bool)
     mask[:, 10:20] = True
     x2 = x.clone()
     x2[mask] = torch.randn(20, 32)                                    # content under the mask is invisible
-    torch.testing.assert_close(model.encode(x, mask=mask), model.encode(x2, mask=mask))
+    torch.testing.assert_close(model.encode(x, mask=mask)[0], model.encode(x2, mask=mask)[0])
 
 
 def test_student_overfits_one_batch_with_a_frozen_teacher():
-    from teacher import make_teacher, teacher_targets
+    from teacher import teacher_targets
     torch.manual_seed(0)
     model = Data2Vec(TINY)
     wav = torch.randn(2, 8000)
     mask = torch.zeros(2, conv_output_length(8000), dtype=torch.bool)
     mask[:, 5:15] = True
     with torch.no_grad():                                             # targets computed once: nothing moves them
-        y = teacher_targets(make_teacher(model.encoder), model(wav)[1], top_k=2)
+        y = teacher_targets(Teacher(model), model(wav)[1], top_k=2)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(60):
@@ -150,10 +160,10 @@ def test_student_overfits_one_batch_with_a_frozen_teacher():
 
 # HF transformers Data2VecAudioModel names (reference.md §3.1) ← ours: a plain regex key map
 HF_KEY_MAP = [
-    (r'^feature_encoder\.conv_layers\.', 'feature_extractor.conv_layers.'),
-    (r'^feature_encoder\.(layer_norm|projection)\.', r'feature_projection.\1.'),
-    (r'^mask_emb$', 'masked_spec_embed'),
-    (r'^pos_encoder\.convs\.(\d+)\.', r'encoder.pos_conv_embed.layers.\1.conv.'),
+    (r'^front_end\.feature_encoder\.conv_layers\.', 'feature_extractor.conv_layers.'),
+    (r'^front_end\.feature_encoder\.(layer_norm|projection)\.', r'feature_projection.\1.'),
+    (r'^front_end\.mask_emb$', 'masked_spec_embed'),
+    (r'^front_end\.pos_encoder\.convs\.(\d+)\.', r'encoder.pos_conv_embed.layers.\1.conv.'),
     (r'\.self_attn\.', '.attention.'),
     (r'\.self_attn_layer_norm\.', '.layer_norm.'),
     (r'\.fc1\.', '.feed_forward.intermediate_dense.'),
@@ -256,8 +266,7 @@ def test_vision_student_ignores_masked_pixels_and_the_teacher_sees_them():
     pred, teacher_input, padding = model(image, None, mask)
     assert pred.shape == (2, 16, 32) and padding is None and torch.equal(teacher_input, image)
     torch.testing.assert_close(model(changed, None, mask)[0], pred)     # the student sees the mask token there
-    _, taps = model.encoder(image, tap='block')
-    _, taps2 = model.encoder(changed, tap='block')
+    taps, taps2 = Teacher(model)(image, tap='block'), Teacher(model)(changed, tap='block')
     assert len(taps) == 3 and taps[0].shape == (2, 16, 32)              # one per block, CLS dropped
     assert not torch.allclose(taps[-1], taps2[-1])                      # the teacher's view is unmasked
 
@@ -274,9 +283,9 @@ def test_vision_loss_is_beit_smooth_l1_mean_over_masked_tokens():
 
 
 HF_VISION_KEY_MAP = [                                                   # ours → HF Data2VecVisionModel (reference.md §3.3)
-    (r'^encoder\.(cls_token|mask_token)$', r'embeddings.\1'),
-    (r'^encoder\.patch_embed\.proj\.', 'embeddings.patch_embeddings.projection.'),
-    (r'^encoder\.rel_pos_bias\.table$', 'encoder.relative_position_bias.relative_position_bias_table'),
+    (r'^front_end\.(cls_token|mask_token)$', r'embeddings.\1'),
+    (r'^front_end\.patch_embed\.proj\.', 'embeddings.patch_embeddings.projection.'),
+    (r'^front_end\.rel_pos_bias\.table$', 'encoder.relative_position_bias.relative_position_bias_table'),
     (r'^encoder\.layers\.', 'encoder.layer.'),
     (r'\.self_attn\.q_proj\.', '.attention.attention.query.'), (r'\.self_attn\.k_proj\.', '.attention.attention.key.'),
     (r'\.self_attn\.v_proj\.', '.attention.attention.value.'), (r'\.self_attn\.out_proj\.', '.attention.output.dense.'),
@@ -319,17 +328,19 @@ def test_vision_init_and_stochastic_depth_follow_beit():
     torch.manual_seed(0)
     cfg = ModelConfig(modality='vision', dim=256, layers=4, heads=4, ffn_dim=1024, image_size=32, patch_size=8, drop_path=0.3,
                       layer_scale=0.5)
-    vit = Data2Vec(cfg).encoder
+    model = Data2Vec(cfg)
+    vit = model.encoder
     w = vit.layers[0].fc1.weight
     assert w.abs().max() <= 0.02 and 0.0103 < w.std() < 0.0113       # N(0, 0.02²) cut at ±0.02: std 0.02 · 0.5396
-    assert 0.0103 < vit.patch_embed.proj.weight.std() < 0.0113 and not vit.patch_embed.proj.bias.any()
+    patch = model.front_end.patch_embed.proj
+    assert 0.0103 < patch.weight.std() < 0.0113 and not patch.bias.any()
     assert 0.0103 / 2 < vit.layers[1].fc2.weight.std() < 0.0113 / 2  # fix_init_weight: block 2 divided by √(2·2)
     assert [b.drop_path for b in vit.layers] == pytest.approx([0.0, 0.1, 0.2, 0.3])   # linear from 0
     image = torch.rand(4, 3, 32, 32)
-    vit.eval()                                                         # the teacher: no stochastic depth, no dropout
-    torch.testing.assert_close(vit(image)[0], vit(image)[0])
-    vit.train()
-    assert not torch.allclose(vit(image)[0], vit(image)[0])            # the student drops whole branches per sample
+    model.eval()                                                       # the teacher: no stochastic depth, no dropout
+    torch.testing.assert_close(model.encode(image)[0], model.encode(image)[0])
+    model.train()
+    assert not torch.allclose(model.encode(image)[0], model.encode(image)[0])   # the student drops whole branches per sample
 
 
 def test_text_embedding_positions_start_after_pad_and_roberta_base_size():
@@ -358,9 +369,10 @@ def test_text_base_matches_hf_data2vec_text_base_in_size():
     assert head == (768 * 1536 + 1536) + (1536 * 768 + 768)                             # Linear(D, 2D) → GELU → Linear(2D, D)
     torch.manual_seed(0)
     small = Data2Vec(ModelConfig(modality='text', vocab_size=3000, dim=256, layers=1, heads=4, ffn_dim=512))
-    for w in (small.embed.tokens.weight, small.embed.positions.weight, small.regression_head[0].weight):
+    embed = small.front_end.embed
+    for w in (embed.tokens.weight, embed.positions.weight, small.regression_head[0].weight):
         assert abs(w[2:].std().item() - 0.02) < 0.001                  # fairseq init_bert_params, embeddings and head too
-    assert not small.embed.tokens.weight[1].any() and not small.embed.positions.weight[1].any()   # the <pad> rows
+    assert not embed.tokens.weight[1].any() and not embed.positions.weight[1].any()   # the <pad> rows
     assert not small.regression_head[2].bias.any()
 
 

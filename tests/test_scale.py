@@ -12,10 +12,12 @@ import pytest
 import torch
 import torch._dynamo
 
+import data
 import train
+from config import parse_train_args
 from conftest import ROOT
 from model import Data2Vec
-from teacher import make_teacher
+from teacher import Teacher
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
 SMALL = ['--dim', '32', '--layers', '2', '--heads', '2', '--ffn-dim', '64', '--top-k', '2', '--workers', '0', '--device', 'cpu',
@@ -124,13 +126,12 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path,
 def test_the_data2vec_step_is_one_graph(modality):
     """torch._dynamo.explain over train.forward_loss (student forward, teacher forward, targets, loss; what --compile
     compiles) on a real collated micro-batch: one graph, no graph breaks, so torch.compile sees the whole step."""
-    mcfg, cfg = train.parse_args(FLAGS[modality] + ['--batch-size', '4', '--micro-batch-size', '4'])
-    dataset = train.make_dataset(mcfg, cfg)
+    mcfg, cfg = parse_train_args(FLAGS[modality] + ['--batch-size', '4', '--micro-batch-size', '4'])
+    dataset, collate = data.modality(modality).pretraining_data(mcfg, cfg)
     torch.manual_seed(0)
     model = Data2Vec(mcfg)
-    teacher = make_teacher(model.encoder)
-    batch = train.collate([dataset[i] for i in range(4)], mcfg, cfg, getattr(dataset, 'mask_id', None),
-                          getattr(dataset, 'ordinary', None), generator=torch.Generator().manual_seed(0))
+    teacher = Teacher(model)
+    batch = collate([dataset[i] for i in range(4)], generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
     explained = torch._dynamo.explain(train.forward_loss)(model, teacher, batch, cfg)
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]

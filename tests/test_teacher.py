@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ModelConfig, Transformer
-from teacher import ema_decay_at, ema_update_, make_targets, make_teacher, normalize, teacher_targets
+from model import Data2Vec, ModelConfig, Transformer
+from teacher import Teacher, ema_decay_at, ema_update_, make_targets, make_teacher, normalize, teacher_targets
 
 
 def test_ema_decay_schedule_speech():
@@ -59,10 +59,10 @@ def _ffn_outputs_by_hand(encoder, x):
 
 def test_targets_are_instance_normed_mean_of_top_k_ffn_outputs():
     torch.manual_seed(0)
-    teacher = make_teacher(Transformer(ModelConfig(dim=32, layers=5, heads=4, ffn_dim=64)))
-    x = torch.randn(3, 40, 32)
+    teacher = Teacher(Data2Vec(ModelConfig(dim=32, layers=5, heads=4, ffn_dim=64, conv_dim=8)))
+    x = torch.randn(3, 40, 32)                                         # speech: the teacher reads the shared front-end's tokens
     K = 3
-    ffn = _ffn_outputs_by_hand(teacher, x)[-K:]
+    ffn = _ffn_outputs_by_hand(teacher.encoder, x)[-K:]
     expected = sum(F.instance_norm(f.transpose(1, 2)).transpose(1, 2) for f in ffn) / K   # IN over time per channel
     y = teacher_targets(teacher, x, None, tap='ffn', top_k=K, norm='instance')
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
@@ -86,42 +86,43 @@ def test_instance_norm_ignores_padded_steps():
 def test_teacher_gets_no_gradient_and_changes_only_through_ema():
     from contextlib import nullcontext
 
-    from data.speech import SyntheticSpeech
-    from model import Data2Vec
-    from train import collate, parse_args, train_step
-    mcfg, cfg = parse_args(['--dim', '32', '--layers', '2', '--heads', '2', '--ffn-dim', '64', '--conv-dim', '16',
-                            '--top-k', '2', '--micro-batch-size', '2', '--batch-size', '2', '--crop', '16000'])
+    from config import parse_train_args
+    from data.speech import SyntheticSpeech, collate
+    from train import train_step
+    mcfg, cfg = parse_train_args(['--dim', '32', '--layers', '2', '--heads', '2', '--ffn-dim', '64', '--conv-dim', '16',
+                                  '--top-k', '2', '--micro-batch-size', '2', '--batch-size', '2', '--crop', '16000'])
     torch.manual_seed(0)
     model = Data2Vec(mcfg)
-    teacher = make_teacher(model.encoder)
+    teacher = Teacher(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ds = SyntheticSpeech(8)
-    batch = collate([ds[0], ds[1]], mcfg, cfg)
+    batch = collate([ds[0], ds[1]], cfg)
     t_before = copy.deepcopy(teacher.state_dict())
     train_step(model, teacher, opt, [batch], 0, cfg, nullcontext())
     assert all(p.grad is None for p in teacher.parameters())
     tau = ema_decay_at(1, cfg.ema_start, cfg.ema_end, cfg.ema_anneal_steps)
-    for (name, d), theta in zip(teacher.state_dict().items(), model.encoder.state_dict().values()):
-        torch.testing.assert_close(d, tau * t_before[name] + (1 - tau) * theta)
+    assert set(teacher.state_dict()) == {k for k in model.state_dict() if k.startswith('encoder.')}   # speech: the blocks only
+    for name, d in teacher.state_dict().items():
+        torch.testing.assert_close(d, tau * t_before[name] + (1 - tau) * model.state_dict()[name])
     assert any(not torch.equal(t_before[n], d) for n, d in teacher.state_dict().items())
 
 
 def test_vision_targets_are_layer_normed_top_k_block_outputs_averaged_then_layer_normed():
     """data2vec vision v1: y = LN((1/K) Σ_{top K} LN(end-of-block output)), all LNs parameter-free, CLS dropped."""
-    from model import Data2Vec, ModelConfig
     cfg = ModelConfig(modality='vision', dim=32, layers=4, heads=4, ffn_dim=64, image_size=16, patch_size=4, dropout=0.0,
                       attn_dropout=0.0, layerdrop=0.0, layer_scale=0.5)
     torch.manual_seed(0)
-    teacher = make_teacher(Data2Vec(cfg).encoder)
+    teacher = Teacher(Data2Vec(cfg))
     image = torch.rand(2, 3, 16, 16)
     y = teacher_targets(teacher, image, None, tap='block', top_k=3, norm='layer', post='layer')
 
     def ln(a):                                                         # written out: per token, over channels, ε = 1e-5
         return (a - a.mean(-1, keepdim=True)) / torch.sqrt(a.var(-1, unbiased=False, keepdim=True) + 1e-5)
-    x = torch.cat([teacher.cls_token.expand(2, -1, -1), teacher.patch_embed(image)], 1)   # (2, 1 + 16, 32)
+    front = teacher.front_end                                          # the teacher's own (EMA) copy
+    x = torch.cat([front.cls_token.expand(2, -1, -1), front.patch_embed(image)], 1)   # (2, 1 + 16, 32)
     outs = []
-    for block in teacher.layers:                                       # run the blocks by hand
-        x = block(x, teacher.rel_pos_bias())[0]
+    for block in teacher.encoder.layers:                               # run the blocks by hand
+        x = block(x, front.rel_pos_bias())[0]
         outs.append(x[:, 1:])
     expected = ln(sum(ln(o) for o in outs[-3:]) / 3)
     assert y.shape == (2, 16, 32) and y.dtype == torch.float32
@@ -130,16 +131,16 @@ def test_vision_targets_are_layer_normed_top_k_block_outputs_averaged_then_layer
 
 
 def test_vision_ema_covers_the_patch_embedding_and_relative_position_bias():
-    from model import Data2Vec, ModelConfig
     cfg = ModelConfig(modality='vision', dim=16, layers=2, heads=2, ffn_dim=32, image_size=16, patch_size=4)
     student = Data2Vec(cfg)
-    teacher = make_teacher(student.encoder)
+    teacher = Teacher(student)
     with torch.no_grad():
         for p in student.parameters():
             p.add_(1.0)
-    ema_update_(teacher, student.encoder, 0.9998)
-    for name in ('patch_embed.proj.weight', 'rel_pos_bias.table', 'cls_token', 'layers.1.gamma_2', 'norm.weight'):
-        old = student.encoder.get_parameter(name) - 1.0                # the teacher was a copy of these
+    ema_update_(teacher, Teacher.averaged_part(student), 0.9998)
+    for name in ('front_end.patch_embed.proj.weight', 'front_end.rel_pos_bias.table', 'front_end.cls_token',
+                 'encoder.layers.1.gamma_2', 'encoder.norm.weight'):
+        old = student.get_parameter(name) - 1.0                        # the teacher was a copy of these
         torch.testing.assert_close(teacher.get_parameter(name) - old, torch.full_like(old, 1 - 0.9998))   # moved (1 − τ) of the way
 
 
@@ -148,33 +149,34 @@ def test_text_teacher_reads_the_original_tokens_through_the_shared_embedding():
     tokens; the teacher averages the blocks only, the embeddings (tokens, positions, LayerNorm) are the student's."""
     from contextlib import nullcontext
 
+    from config import TrainConfig
     from masking import token_mask
-    from model import Data2Vec, ModelConfig
-    from train import TrainConfig, train_step
+    from train import train_step
     cfg = ModelConfig(modality='text', vocab_size=300, max_tokens=16, dim=32, layers=3, heads=4, ffn_dim=64, layerdrop=0.0)
     torch.manual_seed(0)
     model = Data2Vec(cfg)
-    teacher = make_teacher(model.encoder)
-    assert not any(n.startswith(('tokens', 'positions')) for n in teacher.state_dict())   # blocks only: nothing to drift
+    teacher = Teacher(model)
+    assert all(n.startswith('encoder.layers.') for n in teacher.state_dict())   # blocks only: nothing to drift
     original = torch.randint(5, 300, (4, 16))
     original[:, 0], original[:, -1] = 0, 2
     source, mask = token_mask(original, 4, (5, 300), 0.15, 1, 0.1, 0.1, generator=torch.Generator().manual_seed(0))
-    _, teacher_input, _ = model(source, None, mask, original)
+    _, teacher_input, _ = model(source, None, mask, original=original)
     model.eval()
-    torch.testing.assert_close(teacher_input, model.embed(original))  # the uncorrupted sentence (paper), not the masked one
+    embed = model.front_end.embed
+    torch.testing.assert_close(teacher_input, embed(original))        # the uncorrupted sentence (paper), not the masked one
     y = teacher_targets(teacher, teacher_input, None, tap='ffn', top_k=2, norm='layer')
-    ffn = _ffn_outputs_by_hand(teacher, model.embed(original))[-2:]
+    ffn = _ffn_outputs_by_hand(teacher.encoder, embed(original))[-2:]
     torch.testing.assert_close(y, sum(F.layer_norm(f, (32,)) for f in ffn) / 2)
     model.train()
     tcfg = TrainConfig(top_k=2, target_norm='layer', loss_beta=4.0, loss_scale=1.0, steps=10, warmup=0.1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    before, old = model.embed.tokens.weight.clone(), teacher.layers[0].fc1.weight.clone()
-    train_step(model, teacher, opt, [(source, None, mask, original)], 0, tcfg, nullcontext())
-    assert not torch.equal(model.embed.tokens.weight, before)         # the student's embedding learns
+    before, old = embed.tokens.weight.clone(), teacher.encoder.layers[0].fc1.weight.clone()
+    train_step(model, teacher, opt, [dict(source=source, mask=mask, original=original)], 0, tcfg, nullcontext())
+    assert not torch.equal(embed.tokens.weight, before)               # the student's embedding learns
     tau = ema_decay_at(1, tcfg.ema_start, tcfg.ema_end, tcfg.ema_anneal_steps)
-    torch.testing.assert_close(teacher.layers[0].fc1.weight, tau * old + (1 - tau) * model.encoder.layers[0].fc1.weight)
+    torch.testing.assert_close(teacher.encoder.layers[0].fc1.weight, tau * old + (1 - tau) * model.encoder.layers[0].fc1.weight)
     model.eval()                                                       # the teacher's input after the step, written out:
-    e = model.embed                                                    # LN(E[token] + P[2, 3, …]) with the updated tables
+    e = embed                                                          # LN(E[token] + P[2, 3, …]) with the updated tables
     by_hand = F.layer_norm(e.tokens.weight[original] + e.positions.weight[torch.arange(2, 18)], (32,), e.layer_norm.weight,
                            e.layer_norm.bias)
-    torch.testing.assert_close(model(source, None, mask, original)[1], by_hand)
+    torch.testing.assert_close(model(source, None, mask, original=original)[1], by_hand)

@@ -42,7 +42,7 @@ def test_one_step_from_the_command_line(tmp_path):
     assert {'student', 'teacher', 'optimizer', 'step', 'config', 'rng'} <= set(ckpt) and ckpt['step'] == 2
     assert ckpt['config']['model']['dim'] == 32 and ckpt['config']['train']['top_k'] == 2
     assert not any(k.startswith(('_orig_mod', 'module')) for k in ckpt['student'])
-    assert set(ckpt['teacher']) == {k[len('encoder.'):] for k in ckpt['student'] if k.startswith('encoder.')}
+    assert set(ckpt['teacher']) == {k for k in ckpt['student'] if k.startswith('encoder.')}   # speech: the Transformer only
 
 
 @pytest.mark.parametrize('flag, value, words', [('--top-k', '13', '--top-k 13'), ('--mask-prob', '1.5', '--mask-prob 1.5'),
@@ -64,7 +64,7 @@ def test_bad_data_folder_fails_in_one_line(tmp_path):
 
 
 def test_tri_stage_schedule():
-    from train import TrainConfig, lr_at
+    from config import TrainConfig, lr_at
     cfg = TrainConfig(lr=1.0, steps=100, warmup=0.1, hold=0.6)
     assert lr_at(0, cfg) == pytest.approx(0.01) and lr_at(5, cfg) == pytest.approx(0.505)
     assert lr_at(10, cfg) == lr_at(69, cfg) == 1.0
@@ -75,8 +75,9 @@ def test_tri_stage_schedule():
 def test_ranks_share_out_each_epoch_without_overlap():
     """Two ranks draw disjoint micro-batches in every epoch, also when the data does not split evenly."""
     import numpy as np
+    from config import parse_train_args
     from data import batches
-    from train import parse_args
+    from data.speech import collate
 
     class Numbered(torch.utils.data.Dataset):                         # utterance i is the constant i, 1 s long
         lengths = [16000] * 21
@@ -88,12 +89,11 @@ def test_ranks_share_out_each_epoch_without_overlap():
             return np.full(16000, float(i), np.float32), ''
 
     from functools import partial
-    from train import collate
-    mcfg, cfg = parse_args(['--micro-batch-size', '2', '--batch-size', '4', '--workers', '0'])
+    mcfg, cfg = parse_train_args(['--micro-batch-size', '2', '--batch-size', '4', '--workers', '0'])
     seen = {}
     for rank in (0, 1):
-        it = batches(Numbered(), partial(collate, mcfg=mcfg, cfg=cfg), 2, 0, rank, 2)
-        ids = [next(it)[0][0][:, 0].long().tolist() for _ in range(10)]  # 5 micro-batches per rank and epoch
+        it = batches(Numbered(), partial(collate, cfg=cfg), 2, 0, rank, 2)
+        ids = [next(it)[0]['source'][:, 0].long().tolist() for _ in range(10)]  # 5 micro-batches per rank and epoch
         seen[rank] = [set(sum(ids[:5], [])), set(sum(ids[5:], []))]
     for epoch in (0, 1):
         assert len(seen[0][epoch]) == len(seen[1][epoch]) == 10 and not seen[0][epoch] & seen[1][epoch]
@@ -109,7 +109,8 @@ def test_one_vision_step_from_the_command_line(tmp_path):
     assert config['model']['modality'] == 'vision' and config['train']['target_layer'] == 'block'   # the vision preset
     assert config['train']['loss_beta'] == 2.0 and config['train']['target_post_norm'] == 'layer'
     ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
-    assert {'patch_embed.proj.weight', 'rel_pos_bias.table', 'cls_token'} <= set(ckpt['teacher'])   # the EMA covers it all
+    assert {'front_end.patch_embed.proj.weight', 'front_end.rel_pos_bias.table', 'front_end.cls_token'} <= set(ckpt['teacher'])
+    assert set(ckpt['teacher']) == {k for k in ckpt['student'] if not k.startswith('regression_head.')}   # the EMA covers it all
     records = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
     assert [r['step'] for r in records] == [1, 2] and all(math.isfinite(r['loss']) for r in records)
 
@@ -126,7 +127,7 @@ def test_bad_vision_flags_fail_with_the_flag_name(modality, args, words):
 
 
 def test_vision_base_preset_is_the_papers():
-    from train import parse_args
+    from config import parse_train_args as parse_args
     mcfg, cfg = parse_args(['--modality', 'vision', '--preset', 'base'])
     assert (mcfg.dim, mcfg.layers, mcfg.heads, mcfg.ffn_dim, mcfg.image_size, mcfg.patch_size) == (768, 12, 12, 3072, 224, 16)
     assert (mcfg.drop_path, mcfg.attn_dropout, mcfg.dropout, mcfg.layer_scale) == (0.2, 0.05, 0.0, 1e-4)
@@ -138,18 +139,19 @@ def test_vision_base_preset_is_the_papers():
 
 
 def test_cosine_schedule_and_vision_weight_decay_groups():
+    from config import TrainConfig, lr_at
     from model import Data2Vec, ModelConfig
-    from train import TrainConfig, lr_at, param_groups
-    cfg = TrainConfig(schedule='cosine', lr=1.0, min_lr=0.0, warmup=0.1, steps=100)
+    from train import param_groups
+    cfg = TrainConfig(schedule='cosine', lr=1.0, min_lr=0.0, warmup=0.1, steps=100, no_decay_1d=True)
     assert lr_at(0, cfg) == 0 and lr_at(5, cfg) == pytest.approx(0.5) and lr_at(10, cfg) == pytest.approx(1.0)
     assert lr_at(55, cfg) == pytest.approx(0.5) and lr_at(100, cfg) == pytest.approx(0.0, abs=1e-12)
     assert lr_at(10 + 15, cfg) == pytest.approx(0.5 * (1 + math.cos(math.pi / 6)))   # a sixth of the way down
     model = Data2Vec(ModelConfig(modality='vision', dim=16, layers=1, heads=2, ffn_dim=32, image_size=16, patch_size=4))
-    decay, no_decay = param_groups(model, 'vision')
+    decay, no_decay = param_groups(model, cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     assert no_decay['weight_decay'] == 0 and 'weight_decay' not in decay
-    assert {names[id(p)] for p in no_decay['params']} == {n for n, p in model.named_parameters() if p.ndim == 1} | {'encoder.cls_token'}
-    assert 'encoder.mask_token' in {names[id(p)] for p in decay['params']}        # (1, 1, D): BEiT decays it
+    assert {names[id(p)] for p in no_decay['params']} == {n for n, p in model.named_parameters() if p.ndim == 1} | {'front_end.cls_token'}
+    assert 'front_end.mask_token' in {names[id(p)] for p in decay['params']}      # (1, 1, D): BEiT decays it
 
 
 def test_a_truncated_image_found_by_a_loader_worker_fails_in_one_line_with_strict_data(tmp_path):
@@ -176,22 +178,23 @@ def test_one_text_step_from_the_command_line(tmp_path):
     assert 261 <= vocab < 5000 and config['train']['loss_beta'] == 4.0 and config['train']['loss_scale'] == 1.0
     ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
     assert not any('embed' in k or 'tokens' in k for k in ckpt['teacher'])     # the teacher averages the blocks only
-    assert ckpt['student']['embed.tokens.weight'].shape == (vocab, 32)  # config.json written after the tokenizer
+    assert ckpt['student']['front_end.embed.tokens.weight'].shape == (vocab, 32)  # config.json written after the tokenizer
     from tokenizers import Tokenizer
     assert Tokenizer.from_file(str(tmp_path / 'tokenizer.json')).get_vocab_size() == vocab
 
 
 def test_text_collate_masks_blocks_and_keeps_the_originals():
-    from data.text import SyntheticText, TokenBlocks, ordinary_ids, pack_blocks, train_tokenizer
-    from train import collate, parse_args
+    from config import parse_train_args
+    from data.text import SyntheticText, TokenBlocks, collate, ordinary_ids, pack_blocks, train_tokenizer
     docs = SyntheticText(size=512).documents()
     tok = train_tokenizer(docs, 400)
     ds = TokenBlocks(pack_blocks(docs, tok, 32))
     for mode in ('bert', 'span'):
-        mcfg, cfg = parse_args(['--modality', 'text', '--text-mask', mode])
+        mcfg, cfg = parse_train_args(['--modality', 'text', '--text-mask', mode])
         torch.manual_seed(0)
-        source, padding, mask, original = collate([ds[i] for i in range(64)], mcfg, cfg, tok.token_to_id('<mask>'), ordinary_ids(tok))
-        assert padding is None and torch.equal(original, torch.stack([ds[i][0] for i in range(64)]))
+        batch = collate([ds[i] for i in range(64)], cfg, tok.token_to_id('<mask>'), ordinary_ids(tok))
+        source, mask, original = batch['source'], batch['mask'], batch['original']
+        assert 'padding_mask' not in batch and torch.equal(original, torch.stack([ds[i][0] for i in range(64)]))
         assert torch.equal(mask, source == tok.token_to_id('<mask>'))  # the loss positions are exactly the <mask> tokens
         if mode == 'span':                                              # fairseq's config: every chosen token is <mask>
             assert torch.equal(source != original, mask) and abs(mask.float().mean().item() - 0.306 * 30 / 32) < 0.04
@@ -236,7 +239,7 @@ def test_bad_text_flags_fail_with_the_flag_name(args, words):
 
 
 def test_text_presets_are_the_papers():
-    from train import parse_args
+    from config import parse_train_args as parse_args
     mcfg, cfg = parse_args(['--modality', 'text', '--preset', 'base'])
     assert (mcfg.dim, mcfg.layers, mcfg.heads, mcfg.ffn_dim, mcfg.max_tokens, mcfg.vocab_size) == (768, 12, 12, 3072, 512, 50_000)
     assert (cfg.top_k, cfg.target_layer, cfg.target_norm, cfg.target_post_norm, cfg.loss_beta, cfg.loss_scale) == (10, 'ffn', 'layer', 'none', 4.0, 1.0)
@@ -263,11 +266,13 @@ def test_speech_clips_are_cropped_to_the_shortest_unless_pad():
     rounded down to whole seconds (--crop-step 16000) so that shapes repeat. --pad crops to at most --crop and pads
     to the longest instead. Each crop is a contiguous piece of its clip."""
     import numpy as np
-    from train import collate, parse_args
+    from config import parse_train_args
+    from data.speech import collate
     clips = [np.arange(n, dtype=np.float32) for n in (20_000, 17_000, 30_000)]
     for pad in (False, True):
-        mcfg, cfg = parse_args(['--crop', '25000'] + (['--pad'] if pad else []))
-        source, padding, mask = collate([(c, '') for c in clips], mcfg, cfg, generator=torch.Generator().manual_seed(0))
+        mcfg, cfg = parse_train_args(['--crop', '25000'] + (['--pad'] if pad else []))
+        batch = collate([(c, '') for c in clips], cfg, generator=torch.Generator().manual_seed(0))
+        source, padding, mask = batch['source'], batch['padding_mask'], batch['mask']
         if not pad:
             assert source.shape == (3, 16_000) and padding is None     # the shortest, 17000, rounded down to 1 s
             lengths = [16_000] * 3
@@ -285,18 +290,20 @@ def test_compiled_step_meets_one_shape_per_whole_second():
     import numpy as np
     import torch._dynamo
     import torch._dynamo.testing
+    from config import parse_train_args
+    from data.speech import collate
     from model import Data2Vec
-    from teacher import make_teacher
-    from train import collate, forward_loss, parse_args
-    mcfg, cfg = parse_args(['--dim', '32', '--layers', '2', '--heads', '2', '--ffn-dim', '64', '--top-k', '2', '--conv-dim', '16',
-                            '--crop', '320000'])
+    from teacher import Teacher
+    from train import forward_loss
+    mcfg, cfg = parse_train_args(['--dim', '32', '--layers', '2', '--heads', '2', '--ffn-dim', '64', '--top-k', '2',
+                                  '--conv-dim', '16', '--crop', '320000'])
     torch.manual_seed(0)
     model = Data2Vec(mcfg)
-    teacher = make_teacher(model.encoder)
+    teacher = Teacher(model)
     counter = torch._dynamo.testing.CompileCounter()
     torch._dynamo.reset()
     step = torch.compile(forward_loss, backend=counter, dynamic=False)
     for seconds in (1.3, 1.7, 2.4, 1.1):
         clips = [(np.random.randn(int(s * 16_000)).astype(np.float32), '') for s in (seconds, seconds + 0.5)]
-        step(model, teacher, collate(clips, mcfg, cfg, generator=torch.Generator().manual_seed(0)), cfg)
+        step(model, teacher, collate(clips, cfg, generator=torch.Generator().manual_seed(0)), cfg)
     assert counter.frame_count == 2

@@ -1,0 +1,422 @@
+"""Configuration: the dataclasses, the presets and recipes, which flags belong to which modality, and the checks.
+
+    ModelConfig     the architecture (model.py, encoders.py)
+    TrainConfig     everything else of pretraining (train.py, bench.py)
+    FinetuneConfig  fine-tuning and linear probes (finetune.py)
+    PRESETS         per modality: tiny (CPU, ≤ 5 min), base and large (the paper's models, from the released commands)
+    RECIPES         per modality: fine-tuning recipes, tiny and base
+    parse_train_args, parse_finetune_args   flags → configs, out-of-range values refused with the flag's name
+
+and what both scripts derive from a config: the learning rate at a step (`lr_at`) and the device (`pick_device`).
+Flags are generated from the dataclass fields, so every knob is written once. Order: field default < preset < flag.
+"""
+import argparse
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import MISSING, dataclass, field, fields
+
+import torch
+
+TAPS = ('attention', 'ffn', 'ffn_residual', 'block')  # which tensor of a block the teacher's targets use (model.Block)
+SPECIALS = 5                                           # <s> <pad> </s> <unk> <mask> (data.text.SPECIALS)
+
+
+def knob(default, help):
+    return field(default=default, metadata=dict(help=help))
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. Defaults are data2vec Base for speech (fairseq base_librispeech.yaml); PRESETS has the others."""
+    modality: str = knob('speech', 'speech | vision | text')
+    dim: int = knob(768, 'D: model width')
+    layers: int = knob(12, 'L: Transformer blocks')
+    heads: int = knob(12, 'attention heads')
+    ffn_dim: int = knob(3072, 'FFN hidden width')
+    dropout: float = knob(0.1, 'dropout')
+    attn_dropout: float = knob(0.1, 'attention dropout')
+    layerdrop: float = knob(0.05, 'probability of skipping a whole block while training the student (LayerDrop)')
+    conv_dim: int = knob(512, 'speech: channels of the 7 conv layers of the feature encoder')
+    pos_conv_depth: int = knob(5, 'speech: conv layers of the positional encoder')
+    pos_conv_kernel: int = knob(19, 'speech: their kernel (fairseq: conv_pos 95 // depth 5)')
+    pos_conv_groups: int = knob(16, 'speech: their groups')
+    image_size: int = knob(224, 'vision: square input images, H = W')
+    patch_size: int = knob(16, 'vision: P; N = (image_size / P)² patches')
+    layer_scale: float = knob(1e-4, 'vision: LayerScale γ init (BEiT layer_scale_init_value)')
+    drop_path: float = knob(0.0, 'vision: stochastic depth of the last block, rising linearly from 0 (paper: 0.2)')
+    vocab_size: int = knob(50_000, 'text: BPE vocabulary (set from the tokenizer)')
+    max_tokens: int = knob(512, 'text: rows of the learned position table, minus RoBERTa\'s offset of 2')
+    pad_id: int = knob(1, 'text: the tokenizer\'s <pad> (set from the tokenizer)')
+
+
+@dataclass
+class TrainConfig:
+    """Everything but the architecture. Defaults are data2vec Base for speech (paper + fairseq base_librispeech.yaml)."""
+    preset: str = knob('tiny', "tiny: CPU, embedded data, ≤ 5 min | base | large: the paper's models")
+    data: str = knob('', 'speech: folder of .wav/.flac (LibriSpeech layout); vision: ImageFolder tree (<class>/<image>.png|jpg); '
+                         'text: a .txt file or folder (a document per paragraph); empty: the embedded synthetic set')
+    encoding: str = knob('utf-8', 'text: the encoding of --data files')
+    tokenizer: str = knob('', 'text: a GPT-2/RoBERTa vocab.json + merges.txt folder, or a tokenizer.json; empty: train a BPE')
+    out: str = knob('', 'output folder (default runs/<modality>)')
+    device: str = knob('auto', 'auto | cpu | cuda')
+    compile: bool = knob(False, 'torch.compile the student and the teacher')
+    seed: int = knob(0, 'random seed')
+    # targets and loss: the paper's ablation axes
+    top_k: int = knob(8, 'K: average the top-K teacher blocks (Figure 2)')
+    target_layer: str = knob('ffn', 'which tensor of each teacher block: ' + ' | '.join(TAPS) + ' (Table 5)')
+    target_norm: str = knob('instance', 'per-block normalisation of targets: instance (over time) | layer | none')
+    target_post_norm: str = knob('none', 'normalisation of the average of the K blocks: none | layer | instance')
+    teacher_context: int = knob(0, 'W: the teacher attends to ±W frames only; 0 = the whole input (Figure 3)')
+    loss_beta: float = knob(0.0, 'β: 0 = L2, > 0 = Smooth L1 with this β (Table 7)')
+    loss_scale: float = knob(0.0, 'multiplies the per-step loss summed over channels; 0 = 1/√D (fairseq), -1 = 1/D (a mean: BEiT)')
+    # masking
+    mask_prob: float = knob(0.65, 'speech: fairseq mask_prob, span starts are p = mask_prob / mask_length of the frames '
+                                  '(Table 8); vision: the fraction of patches masked')
+    mask_length: int = knob(10, 'speech: frames per masked span (Table 8); vision: fewest patches per masked block')
+    min_crop_scale: float = knob(0.08, 'vision: random resized crops cover this fraction of the image or more')
+    text_mask: str = knob('bert', 'text: bert (15%: 80% <mask>, 10% random, 10% kept; the paper) | span (0.35 × 4 tokens, all '
+                                  '<mask>; the fairseq config). Sets --mask-prob/--mask-length unless given')
+    block_size: int = knob(512, 'text: tokens per training sequence, <s> and </s> included')
+    # teacher EMA: τ goes linearly τ0 → τe over τn updates, then stays
+    ema_start: float = knob(0.999, 'τ0')
+    ema_end: float = knob(0.9999, 'τe')
+    ema_anneal_steps: int = knob(30_000, 'τn')
+    # optimisation: Adam with decoupled weight decay
+    schedule: str = knob('tri_stage', 'learning-rate schedule: tri_stage (fairseq) | cosine (BEiT)')
+    lr: float = knob(5e-4, 'peak learning rate')
+    min_lr: float = knob(1e-5, 'cosine: the final learning rate')
+    weight_decay: float = knob(0.01, 'decoupled weight decay')
+    no_decay_1d: bool = knob(False, 'no weight decay on 1-D parameters (biases, norms, LayerScale) and the CLS token (BEiT); '
+                                    'off: every parameter decays (fairseq)')
+    adam_beta2: float = knob(0.98, 'Adam β2 (β1 = 0.9)')
+    adam_eps: float = knob(1e-6, 'Adam ε')
+    warmup: float = knob(0.03, 'fraction of steps warming up linearly (tri-stage: from lr/100; cosine: from 0)')
+    hold: float = knob(0.9, 'tri-stage: fraction held at lr; the rest decays exponentially to lr/100')
+    clip: float = knob(0.0, 'gradient-norm clipping; 0 = off (fairseq speech)')
+    steps: int = knob(400_000, 'optimizer updates')
+    batch_size: int = knob(320, 'samples per update over all GPUs and accumulation steps (speech: 320 × 12.3 s LibriSpeech mean ≈ 63 min)')
+    micro_batch_size: int = knob(10, 'samples per forward pass on one device (speech: 10 × ≤ 20 s ≤ fairseq 3.8M samples); '
+                                     'accumulation does the rest')
+    crop: int = knob(320_000, 'longest waveform in samples; longer ones are cropped at random (fairseq max_sample_size)')
+    pad: bool = knob(False, 'speech: crop each clip to at most --crop and pad to the longest of its micro-batch (a padding mask); '
+                            'default: crop every clip to the shortest one, as fairseq does, so nothing is padded')
+    crop_step: int = knob(16_000, 'speech: the shortest clip\'s length is rounded down to a multiple of this (1 s), so that '
+                                  'torch.compile meets at most --crop / --crop-step shapes')
+    workers: int = knob(4, 'data-loader worker processes')
+    log_every: int = knob(200, 'steps between log lines')
+    ckpt_every: int = knob(25_000, 'steps between checkpoints (one is always written at the end)')
+    # surviving failures (README, "Resuming and failures")
+    resume: bool = knob(False, 'continue from --out/checkpoint.pt exactly (weights, teacher, optimizer, step, RNG, data position); '
+                               'without one, start. Without --resume an existing checkpoint.pt is an error, never overwritten')
+    max_bad_steps: int = knob(10, 'stop after this many consecutive updates skipped for a NaN/Inf loss or gradient')
+    strict_data: bool = knob(False, 'stop at the first unreadable sample instead of skipping it and logging its file')
+
+
+# data2vec vision v1 ViT-B/16: data2vec_vision/beit/README.md's command; the paper where the two differ (DEVIATIONS.md)
+VISION_BASE = dict(dropout=0.0, attn_dropout=0.05, layerdrop=0.0, drop_path=0.2, layer_scale=1e-4,
+                   top_k=6, target_layer='block', target_norm='layer', target_post_norm='layer', loss_beta=2.0, loss_scale=-1,
+                   mask_prob=120 / 196, mask_length=16, ema_start=0.9998, ema_end=0.9998, ema_anneal_steps=0,  # τ constant
+                   schedule='cosine', lr=2e-3, min_lr=1e-5, weight_decay=0.05, no_decay_1d=True, adam_beta2=0.999, adam_eps=1e-8,
+                   clip=3.0, warmup=0.05, steps=500_000, batch_size=2048, micro_batch_size=128, workers=10, log_every=500,
+                   ckpt_every=10_000)  # 800 epochs of ImageNet-1k at 2048 = 625 updates each, 40 of them warm-up
+
+# data2vec text v1 (paper; fairseq config text/pretraining/base.yaml where the paper is silent, DEVIATIONS.md)
+TEXT_BASE = dict(vocab_size=50_000, layerdrop=0.0, top_k=10, target_layer='ffn', target_norm='layer', loss_beta=4.0, loss_scale=1.0,
+                 text_mask='bert', mask_prob=0.15, mask_length=1, ema_anneal_steps=100_000, lr=2e-4, warmup=0.05, hold=0.8,
+                 clip=5.0, steps=1_000_000, batch_size=256, micro_batch_size=16, block_size=512, workers=2, log_every=500,
+                 ckpt_every=25_000)   # 256 blocks of 512 tokens per update; Adam (0.9, 0.98), ε 1e-6, wd 0.01 as speech
+
+PRESETS = {
+    'speech': {
+        # tiny: ~1 M parameters, ≤ 5 min on 2 CPU cores. 1 s crops of the 1–4 s corpus need no padding, so every row is masked ≈ 49%.
+        'tiny': dict(dim=128, layers=4, heads=4, ffn_dim=512, conv_dim=32, layerdrop=0.0, top_k=3, lr=2e-3, warmup=0.1, hold=0.4,
+                     steps=400, batch_size=16, micro_batch_size=16, crop=16_000, ema_anneal_steps=400, workers=0,
+                     log_every=10, ckpt_every=100),
+        'base': dict(),                                                # the dataclass defaults
+        'large': dict(dim=1024, layers=24, heads=16, ffn_dim=4096),
+    },
+    'vision': {
+        # tiny: 32² images in 4² patches (an 8 × 8 grid, 39 of 64 masked in blocks of ≥ 5), ≤ 5 min on 2 CPU cores
+        'tiny': dict(VISION_BASE, image_size=32, patch_size=4, dim=128, layers=4, heads=4, ffn_dim=512, drop_path=0.1, top_k=3,
+                     mask_length=5, ema_start=0.995, ema_end=0.995, min_crop_scale=0.35, steps=300, batch_size=64,
+                     micro_batch_size=64, warmup=0.1, workers=0, log_every=10, ckpt_every=100),
+        'base': VISION_BASE,                                           # ViT-B/16
+        'large': dict(VISION_BASE, dim=1024, layers=24, heads=16, ffn_dim=4096),  # ViT-L/16
+    },
+    'text': {
+        # tiny: a 1,500-token BPE on the embedded grammar corpus, blocks of 64 tokens, ≤ 5 min on 2 CPU cores
+        'tiny': dict(TEXT_BASE, vocab_size=1500, max_tokens=64, block_size=64, dim=128, layers=4, heads=4, ffn_dim=512, top_k=3,
+                     ema_anneal_steps=300, lr=1e-3, warmup=0.1, hold=0.4, steps=300, batch_size=32, micro_batch_size=32,
+                     workers=0, log_every=10, ckpt_every=100),
+        'base': TEXT_BASE,                                             # RoBERTa-base
+        'large': dict(TEXT_BASE, dim=1024, layers=24, heads=16, ffn_dim=4096),
+    },
+}
+
+# flags that only one or two modalities have: anywhere else they are an error, not silently ignored
+ONLY = {'speech': ('crop', 'pad', 'crop_step', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'layerdrop',
+                   'teacher_context'),
+        'vision': ('image_size', 'patch_size', 'layer_scale', 'drop_path', 'min_crop_scale'),
+        'text': ('encoding', 'tokenizer', 'text_mask', 'block_size', 'vocab_size', 'max_tokens', 'pad_id', 'layerdrop',
+                 'teacher_context')}
+SHOWN_WITHOUT_PRESET = ('modality', 'preset', 'data', 'out', 'device', 'compile', 'seed', 'resume', 'strict_data', 'pad')
+
+
+def add_flags(parser, dataclasses, defaults=lambda f: None):
+    """One --flag per dataclass field (bools as --x/--no-x), with the field's help; `defaults(f)` → (default, shown)."""
+    for f in dataclasses:
+        kind = type(f.default) if f.default is not MISSING else str
+        kw = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
+        default, shown = defaults(f) or (None, '')
+        text = f"{f.metadata.get('help', '')} {shown}".strip().replace('%', '%%')   # argparse formats help with %
+        parser.add_argument('--' + f.name.replace('_', '-'), default=default, help=text, **kw)
+
+
+def parse_train_args(argv=None):
+    """train.py's flags → (ModelConfig, TrainConfig), the preset filled in, every value checked."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--modality', default='speech')
+    modality = pre.parse_known_args(argv)[0].modality
+    presets = PRESETS.get(modality, PRESETS['speech'])
+    p = argparse.ArgumentParser(description=f'data2vec pretraining. Every flag defaults to its --preset value (tiny unless '
+                                            f'given); [base …, tiny …] shows them for --modality {modality}.')
+
+    def shown(f):
+        base, tiny = presets['base'].get(f.name, f.default), presets['tiny'].get(f.name, f.default)
+        return None, '' if f.name in SHOWN_WITHOUT_PRESET else f'[base {base!r}' + (f', tiny {tiny!r}]' if tiny != base else ']')
+    add_flags(p, fields(ModelConfig) + fields(TrainConfig), shown)
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    preset = args.get('preset', 'tiny')
+    if modality not in PRESETS:
+        p.error(f'--modality {modality}: choose from {", ".join(PRESETS)}')
+    if preset not in presets:
+        p.error(f'--preset {preset}: choose from {", ".join(presets)}')
+    for other, names in ONLY.items():
+        for name in set(names) & set(args) - set(ONLY[modality]):
+            p.error(f'--{name.replace("_", "-")} is for --modality {other}; it does nothing for {modality}')
+    values = {**presets[preset], **args}
+    if values.get('text_mask') == 'span':                              # fairseq's config: 0.35, spans of 4
+        values.update(mask_prob=args.get('mask_prob', 0.35), mask_length=args.get('mask_length', 4))
+    mcfg = ModelConfig(**{k: v for k, v in values.items() if k in ModelConfig.__dataclass_fields__})
+    cfg = TrainConfig(**{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__})
+    cfg.out = cfg.out or f'runs/{mcfg.modality}'
+    try:
+        check_config(mcfg, cfg, world=int(os.environ.get('WORLD_SIZE', 1)))
+    except ValueError as e:
+        p.error(str(e))
+    return mcfg, cfg
+
+
+def patch_mask_size(mcfg, cfg):
+    """Vision: the patch grid side and the patches masked per image, round(mask_prob · N) (BEiT: 120 of 196)."""
+    grid = mcfg.image_size // mcfg.patch_size
+    return grid, round(cfg.mask_prob * grid ** 2)
+
+
+def modality_checks(mcfg, cfg):
+    """(ok, message) for the flags only one modality has (ONLY); the others' values are never used there."""
+    grid, count = patch_mask_size(mcfg, cfg)
+    return {
+        'speech': [(cfg.crop >= 16_000, f'--crop {cfg.crop} must be ≥ 16000 samples (1 s)')],
+        'vision': [
+            (mcfg.image_size % mcfg.patch_size == 0, f'--image-size {mcfg.image_size} must be divisible by --patch-size {mcfg.patch_size}'),
+            (grid >= 2, f'--image-size {mcfg.image_size} / --patch-size {mcfg.patch_size} must give a grid of at least 2 × 2 patches'),
+            (0 < cfg.mask_prob <= 1, f'--mask-prob {cfg.mask_prob}: the fraction of patches masked must be in (0, 1]'),
+            (cfg.mask_length <= min(count, (grid - 1) ** 2), f'--mask-length {cfg.mask_length}: a block cannot exceed the '
+             f'{count} masked patches or the {(grid - 1) ** 2} a block may cover on a {grid} × {grid} grid'),
+            (0 < cfg.min_crop_scale <= 1, f'--min-crop-scale {cfg.min_crop_scale} must be in (0, 1]'),
+            (0 <= mcfg.drop_path < 1, f'--drop-path {mcfg.drop_path} must be in [0, 1)')],
+        'text': [
+            (3 <= cfg.block_size <= mcfg.max_tokens, f'--block-size {cfg.block_size} must be in [3, --max-tokens {mcfg.max_tokens}]'),
+            (cfg.text_mask in ('bert', 'span'), f'--text-mask {cfg.text_mask}: choose bert or span'),
+            (mcfg.vocab_size >= 256 + SPECIALS, f'--vocab-size {mcfg.vocab_size} must be ≥ {256 + SPECIALS}: 256 bytes + specials')],
+    }[mcfg.modality]
+
+
+def check_config(mcfg, cfg, world=1):
+    """Out-of-range flags fail here with the flag's name, not deep inside torch."""
+    counts = dict(steps=cfg.steps, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, layers=mcfg.layers,
+                  dim=mcfg.dim, heads=mcfg.heads, ffn_dim=mcfg.ffn_dim, conv_dim=mcfg.conv_dim, pos_conv_depth=mcfg.pos_conv_depth,
+                  pos_conv_kernel=mcfg.pos_conv_kernel, pos_conv_groups=mcfg.pos_conv_groups, log_every=cfg.log_every,
+                  ckpt_every=cfg.ckpt_every, mask_length=cfg.mask_length, image_size=mcfg.image_size, patch_size=mcfg.patch_size)
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f'--{name.replace("_", "-")} {value} must be ≥ 1')
+    checks = [
+        (1 <= cfg.top_k <= mcfg.layers, f'--top-k {cfg.top_k} must be between 1 and --layers ({mcfg.layers})'),
+        (cfg.target_layer in TAPS, f'--target-layer {cfg.target_layer}: choose from {", ".join(TAPS)}'),
+        (cfg.target_norm in ('instance', 'layer', 'none'), f'--target-norm {cfg.target_norm}: choose instance, layer or none'),
+        (cfg.target_post_norm in ('instance', 'layer', 'none'), f'--target-post-norm {cfg.target_post_norm}: choose instance, layer or none'),
+        (cfg.loss_scale > 0 or cfg.loss_scale in (0, -1), f'--loss-scale {cfg.loss_scale}: a positive number, 0 (1/√D) or -1 (1/D)'),
+        (cfg.schedule in ('tri_stage', 'cosine'), f'--schedule {cfg.schedule}: choose tri_stage or cosine'),
+        (cfg.teacher_context >= 0, f'--teacher-context {cfg.teacher_context} must be ≥ 0'),
+        (cfg.loss_beta >= 0, f'--loss-beta {cfg.loss_beta} must be ≥ 0'),
+        (0 <= cfg.mask_prob <= 1, f'--mask-prob {cfg.mask_prob} must be in [0, 1]'),
+        (all(0 <= t <= 1 for t in (cfg.ema_start, cfg.ema_end)), '--ema-start and --ema-end must be in [0, 1]'),
+        (cfg.ema_anneal_steps >= 0, '--ema-anneal-steps must be ≥ 0'),
+        (cfg.lr > 0, f'--lr {cfg.lr} must be > 0'),
+        (0 <= cfg.warmup <= 1 and (cfg.schedule != 'tri_stage' or 0 <= cfg.hold <= 1 - cfg.warmup),
+         '--warmup must be in [0, 1] and, for tri_stage, --hold ≥ 0 with a sum ≤ 1'),
+        (cfg.batch_size % (cfg.micro_batch_size * world) == 0,
+         f'--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size × devices ({cfg.micro_batch_size} × {world})'),
+        (cfg.crop_step >= 1, f'--crop-step {cfg.crop_step} must be ≥ 1'),
+        (cfg.device in ('auto', 'cpu', 'cuda'), f'--device {cfg.device}: choose auto, cpu or cuda'),
+        (cfg.device != 'cuda' or torch.cuda.is_available(), '--device cuda: no CUDA device is available'),
+        (mcfg.dim % mcfg.heads == 0, f'--dim {mcfg.dim} must be divisible by --heads {mcfg.heads}'),
+        (mcfg.dim % mcfg.pos_conv_groups == 0, f'--dim {mcfg.dim} must be divisible by --pos-conv-groups {mcfg.pos_conv_groups}'),
+        (all(0 <= p < 1 for p in (mcfg.dropout, mcfg.attn_dropout, mcfg.layerdrop)), 'dropouts must be in [0, 1)'),
+        (cfg.workers >= 0, f'--workers {cfg.workers} must be ≥ 0'),
+        (cfg.seed >= 0, f'--seed {cfg.seed} must be ≥ 0'),
+        (cfg.max_bad_steps >= 1, f'--max-bad-steps {cfg.max_bad_steps} must be ≥ 1'),
+    ] + modality_checks(mcfg, cfg)
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+
+
+# -------------------------------------------------------------------------------------------- fine-tuning
+
+
+@dataclass
+class FinetuneConfig:
+    modality: str = knob('speech', 'speech | vision | text')
+    init: str = knob('', 'a train.py checkpoint.pt, or scratch: the same architecture (--preset) with random weights')
+    task: str = knob('', 'speech: ctc (letters; WER, CER) | classify (label = the folder name); vision, text: classify')
+    data: str = knob('', 'labelled training data; empty: the embedded synthetic set. speech: folder of .wav/.flac with '
+                         '*.trans.txt (ctc) or <label>/ folders; vision: <class>/<image>; text: TSV with a header or label-sentence lines')
+    test_data: str = knob('', 'held-out data in the same layout; empty: the embedded valid split, or a fixed --holdout of --data')
+    holdout: float = knob(0.2, 'fraction of --data held out (seed 0, the same for every --seed) when there is no --test-data')
+    labeled: int = knob(0, 'train on N labelled examples only: a fixed (seed 0), class-balanced subset; 0 = all')
+    linear_probe: bool = knob(False, 'freeze the encoder (eval mode) and train the head only')
+    use_teacher: bool = knob(False, "start from the checkpoint's EMA teacher instead of the student (the paper uses the student)")
+    preset: str = knob('', "recipe (and, with --init scratch, architecture): tiny | base; default: the checkpoint's, else tiny")
+    image_size: int = knob(0, 'vision, --init scratch: the image size (0 = the preset\'s)')
+    encoding: str = knob('utf-8', 'text: the encoding of --data and --test-data')
+    tokenizer: str = knob('', 'text: tokenizer.json, or a folder with vocab.json + merges.txt; default: the one beside the '
+                              'checkpoint; scratch: a BPE trained on the training texts')
+    out: str = knob('', 'output folder (default runs/finetune-<modality>)')
+    device: str = knob('auto', 'auto | cpu | cuda')
+    seed: int = knob(0, 'random seed: head init, data order, masks (and the weights, for --init scratch)')
+    steps: int = knob(0, 'updates')
+    batch_size: int = knob(0, 'examples per update')
+    lr: float = knob(0.0, 'peak learning rate (default: the recipe\'s, higher for --linear-probe)')
+    schedule: str = knob('', 'tri_stage | cosine (config.lr_at)')
+    warmup: float = knob(-1.0, 'fraction of the steps warming up')
+    hold: float = knob(-1.0, 'tri_stage: fraction of the steps at the peak')
+    min_lr: float = knob(0.0, 'cosine: the final learning rate')
+    weight_decay: float = knob(-1.0, 'decoupled weight decay')
+    adam_beta2: float = knob(0.0, 'Adam β2 (β1 = 0.9)')
+    no_decay_1d: bool = knob(False, 'no weight decay on 1-D parameters, the CLS token and the relative position bias (BEiT)')
+    layer_decay: float = knob(0.0, 'block i of L gets lr × layer_decay^(L − i); the front end ^(L + 1), the head 1 (BEiT)')
+    label_smoothing: float = knob(-1.0, 'classification: label smoothing')
+    drop_path: float = knob(-1.0, 'vision: stochastic depth of the last block')
+    layerdrop: float = knob(-1.0, 'speech, text: LayerDrop')
+    freeze_steps: int = knob(-1, 'speech: the encoder stays frozen (head only) for the first N updates (fairseq freeze_finetune_updates)')
+    mask_prob: float = knob(-1.0, 'speech: time masking with the mask embedding, fairseq mask_prob (0 = off)')
+    mask_length: int = knob(0, 'speech: frames per time-mask span')
+    mask_channel_prob: float = knob(-1.0, 'speech: channel masking (zeroed feature channels), fairseq mask_channel_prob')
+    mask_channel_length: int = knob(0, 'speech: channels per channel-mask span')
+    crop: int = knob(16_000, 'speech classify: longest clip in samples (CTC never crops)')
+    workers: int = knob(0, 'data-loader worker processes')
+    log_every: int = knob(20, 'steps between log lines')
+    ckpt_every: int = knob(1000, 'steps between resumable checkpoints (--out/checkpoint.pt, removed once finetuned.pt is written)')
+    resume: bool = knob(False, 'continue an interrupted run from --out/checkpoint.pt exactly; without one, start')
+    max_bad_steps: int = knob(10, 'stop after this many consecutive updates skipped for a NaN/Inf loss or gradient')
+    strict_data: bool = knob(False, 'stop at the first unreadable sample instead of skipping it and logging its file')
+
+
+# Recipes. base: the papers' (reference.md: §1.3 wav2vec 2.0 base_100h CTC, §1.5 BEiT, §1.4 RoBERTa GLUE). tiny: CPU-sized.
+SPEECH_RECIPE = dict(schedule='tri_stage', weight_decay=0.0, adam_beta2=0.98, layer_decay=1.0, label_smoothing=0.0, freeze_steps=0)
+TEXT_RECIPE = dict(schedule='cosine', weight_decay=0.1, adam_beta2=0.98, layer_decay=1.0, label_smoothing=0.0, layerdrop=0.0)
+RECIPES = {
+    'speech': {'base': dict(SPEECH_RECIPE, steps=80_000, batch_size=128, lr=3e-5, probe_lr=1e-3, warmup=0.1, hold=0.4,
+                            layerdrop=0.1, mask_prob=0.65, mask_length=10, mask_channel_prob=0.5, mask_channel_length=64),
+               'tiny': dict(SPEECH_RECIPE, steps=400, batch_size=16, lr=5e-4, probe_lr=3e-3, warmup=0.1, hold=0.4,
+                            layerdrop=0.0, mask_prob=0.3, mask_length=5, mask_channel_prob=0.25, mask_channel_length=16)},
+    'vision': {'base': dict(steps=125_000, batch_size=1024, lr=4e-3, probe_lr=1e-2, schedule='cosine', warmup=0.2, min_lr=1e-6,
+                            weight_decay=0.0, no_decay_1d=True, adam_beta2=0.999, layer_decay=0.65, label_smoothing=0.1,
+                            drop_path=0.2),
+               'tiny': dict(steps=300, batch_size=64, lr=1e-3, probe_lr=3e-3, schedule='cosine', warmup=0.1, min_lr=1e-6,
+                            weight_decay=0.05, no_decay_1d=True, adam_beta2=0.999, layer_decay=0.75, label_smoothing=0.1,
+                            drop_path=0.1)},
+    'text': {'base': dict(TEXT_RECIPE, steps=10_000, batch_size=32, lr=2e-5, probe_lr=1e-3, warmup=0.06),
+             'tiny': dict(TEXT_RECIPE, steps=300, batch_size=32, lr=3e-4, probe_lr=3e-3, warmup=0.1)},
+}
+TASKS = {'speech': ('ctc', 'classify'), 'vision': ('classify',), 'text': ('classify',)}
+
+
+def parse_finetune_args(argv=None):
+    p = argparse.ArgumentParser(description='data2vec fine-tuning and linear probes. Unset numbers come from the recipe (RECIPES).')
+    add_flags(p, fields(FinetuneConfig), lambda f: (f.default, ''))
+    cfg = FinetuneConfig(**vars(p.parse_args(argv)))
+    tasks = TASKS.get(cfg.modality, ('classify',))
+    cfg.task = cfg.task or tasks[0]
+    cfg.out = cfg.out or f'runs/finetune-{cfg.modality}'
+    checks = [(cfg.modality in RECIPES, f'--modality {cfg.modality}: choose speech, vision or text'),
+              (cfg.init != '', '--init: a train.py checkpoint.pt, or scratch'),
+              (cfg.task in tasks, f'--task {cfg.task}: {cfg.modality} supports {" or ".join(tasks)}'),
+              (cfg.preset in ('', 'tiny', 'base'), f'--preset {cfg.preset}: choose tiny or base'),
+              (cfg.labeled >= 0 and 0 < cfg.holdout < 1, '--labeled must be ≥ 0 and --holdout in (0, 1)'),
+              (cfg.seed >= 0 and cfg.ckpt_every >= 1 and cfg.max_bad_steps >= 1, '--seed ≥ 0, --ckpt-every and --max-bad-steps ≥ 1'),
+              (cfg.device in ('auto', 'cpu', 'cuda'), f'--device {cfg.device}: choose auto, cpu or cuda'),
+              (not cfg.test_data or cfg.data, '--test-data needs --data')]
+    for ok, msg in checks:
+        if not ok:
+            p.error(msg)
+    return cfg
+
+
+def fill_recipe(cfg, preset):
+    """Knobs left at their default take the recipe's value (the lr: probe_lr under --linear-probe). → None or an error."""
+    recipe = dict(RECIPES[cfg.modality][preset])
+    probe_lr = recipe.pop('probe_lr')
+    recipe['lr'] = probe_lr if cfg.linear_probe else recipe['lr']
+    if cfg.task == 'classify' or cfg.linear_probe:                # SpecAugment is CTC fine-tuning's (DEVIATIONS.md)
+        recipe.update(mask_prob=0.0, mask_channel_prob=0.0)
+    for f in fields(cfg):
+        if f.name in recipe and getattr(cfg, f.name) == f.default:
+            setattr(cfg, f.name, recipe[f.name])
+    for ok, msg in [(cfg.steps >= 1 and cfg.batch_size >= 1, '--steps and --batch-size must be ≥ 1'),
+                    (cfg.lr > 0, f'--lr {cfg.lr} must be > 0'),
+                    (cfg.schedule in ('tri_stage', 'cosine'), f'--schedule {cfg.schedule}: choose tri_stage or cosine'),
+                    (0 < cfg.layer_decay <= 1, f'--layer-decay {cfg.layer_decay} must be in (0, 1]')]:
+        if not ok:
+            return msg
+
+# -------------------------------------------------------------------------------------------- derived from a config
+
+
+def lr_at(step, cfg):
+    """tri_stage (fairseq): linear warm-up from lr/100, hold at lr, exponential decay to lr/100, then lr/100.
+    cosine (BEiT cosine_scheduler): linear warm-up from 0, then min_lr + ½(lr − min_lr)(1 + cos(π·progress))."""
+    warm, hold = int(cfg.warmup * cfg.steps), int(cfg.hold * cfg.steps)
+    if cfg.schedule == 'cosine':
+        if step < warm:
+            return cfg.lr * step / warm
+        progress = (step - warm) / max(cfg.steps - warm, 1)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    decay = cfg.steps - warm - hold
+    if step < warm:
+        return cfg.lr * (0.01 + 0.99 * step / warm)
+    if step < warm + hold:
+        return cfg.lr
+    if step < warm + hold + decay:
+        return cfg.lr * math.exp(math.log(0.01) * (step - warm - hold) / decay)
+    return cfg.lr * 0.01
+
+
+def pick_device(choice, local_rank=0):
+    """(device, is_cuda, autocast): CUDA if asked for or available, with bf16 autocast and TF32; the CPU stays fp32
+    (bf16 autocast on CPU made the conv feature encoder dozens of times slower)."""
+    cuda = choice == 'cuda' or (choice == 'auto' and torch.cuda.is_available())
+    device = torch.device(f'cuda:{local_rank}' if cuda else 'cpu')
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device, cuda, torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
+
+
+def to_device(batch, device):
+    """A collated batch (a dict of tensors and Nones) on the device; copies from pinned memory do not block the host."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
