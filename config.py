@@ -121,6 +121,12 @@ VISION_BASE = dict(dropout=0.0, attn_dropout=0.05, layerdrop=0.0, drop_path=0.2,
                    clip=3.0, warmup=0.05, steps=500_000, batch_size=2048, micro_batch_size=128, workers=10, log_every=500,
                    ckpt_every=10_000)  # 800 epochs of ImageNet-1k at 2048 = 625 updates each, 40 of them warm-up
 
+# data2vec vision v1 ViT-L/16: the README's first ViT-L command (run_cyclical.py, 64 GPUs × 64 images, 800 epochs):
+# γ 1e-5, lr 1e-3, 80 warm-up epochs, drop path 0.2, attention dropout 0.15, τ 0.9998 constant; the rest run_cyclical's
+# defaults (wd 0.05, AdamW (0.9, 0.999), ε 1e-8, min lr 1e-5). 1,281,167 // 4096 = 312 updates an epoch.
+VISION_LARGE = dict(VISION_BASE, dim=1024, layers=24, heads=16, ffn_dim=4096, layer_scale=1e-5, lr=1e-3, drop_path=0.2,
+                    attn_dropout=0.15, steps=800 * 312, warmup=80 / 800, batch_size=64 * 64, micro_batch_size=64)
+
 # data2vec text v1 (paper; fairseq config text/pretraining/base.yaml where the paper is silent, DEVIATIONS.md)
 TEXT_BASE = dict(vocab_size=50_000, layerdrop=0.0, top_k=10, target_layer='ffn', target_norm='layer', loss_beta=4.0, loss_scale=1.0,
                  text_mask='bert', mask_prob=0.15, mask_length=1, ema_anneal_steps=100_000, lr=2e-4, warmup=0.05, hold=0.8,
@@ -142,7 +148,7 @@ PRESETS = {
                      mask_length=5, ema_start=0.995, ema_end=0.995, min_crop_scale=0.35, steps=300, batch_size=64,
                      micro_batch_size=64, warmup=0.1, workers=0, log_every=10, ckpt_every=100),
         'base': VISION_BASE,                                           # ViT-B/16
-        'large': dict(VISION_BASE, dim=1024, layers=24, heads=16, ffn_dim=4096),  # ViT-L/16
+        'large': VISION_LARGE,                                         # ViT-L/16
     },
     'text': {
         # tiny: a 1,500-token BPE on the embedded grammar corpus, blocks of 64 tokens, ≤ 5 min on 2 CPU cores
