@@ -67,7 +67,8 @@ class TrainConfig:
     target_layer: str = knob('ffn', 'which tensor of each teacher block: ' + ' | '.join(TAPS) + ' (Table 5)')
     target_norm: str = knob('instance', 'per-block normalisation of targets: instance (over time) | layer | none')
     target_post_norm: str = knob('none', 'normalisation of the average of the K blocks: none | layer | instance')
-    teacher_context: int = knob(0, 'W: the teacher attends to ±W frames only; 0 = the whole input (Figure 3)')
+    teacher_context: int = knob(0, 'W: the teacher attends to ±W steps only (vision: a (2W+1)² square of patches); '
+                                   '0 = the whole input (Figure 3)')
     loss_beta: float = knob(0.0, 'β: 0 = L2, > 0 = Smooth L1 with this β (Table 7)')
     loss_scale: float = knob(0.0, 'multiplies the per-step loss summed over channels; 0 = 1/√D (fairseq), -1 = 1/D (a mean: BEiT)')
     # masking
@@ -161,11 +162,9 @@ PRESETS = {
 }
 
 # flags that only one or two modalities have: anywhere else they are an error, not silently ignored
-ONLY = {'speech': ('crop', 'pad', 'crop_step', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'layerdrop',
-                   'teacher_context'),
+ONLY = {'speech': ('crop', 'pad', 'crop_step', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'layerdrop'),
         'vision': ('image_size', 'patch_size', 'layer_scale', 'drop_path', 'min_crop_scale'),
-        'text': ('encoding', 'tokenizer', 'text_mask', 'block_size', 'vocab_size', 'max_tokens', 'pad_id', 'layerdrop',
-                 'teacher_context')}
+        'text': ('encoding', 'tokenizer', 'text_mask', 'block_size', 'vocab_size', 'max_tokens', 'pad_id', 'layerdrop')}
 SHOWN_WITHOUT_PRESET = ('modality', 'preset', 'data', 'out', 'device', 'compile', 'seed', 'resume', 'strict_data', 'pad')
 
 

@@ -165,7 +165,7 @@ class RelativePositionBias(nn.Module):
 
     def __init__(self, grid, heads):
         super().__init__()
-        h, w = grid
+        h, w = self.grid = grid
         offsets = (2 * h - 1) * (2 * w - 1)
         self.table = nn.Parameter(torch.zeros(offsets + 3, heads))
         yx = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')).flatten(1)  # (2, N)
@@ -301,9 +301,20 @@ class ImageFrontEnd(FrontEnd):
         return x, None, source if teacher else None
 
     def attention(self, x, padding_mask=None, window=0):
-        """The shared relative position bias (H, 1 + N, 1 + N), added to the logits of every block."""
-        assert padding_mask is None and window == 0, 'images are never padded, and --teacher-context is for speech'
-        return self.rel_pos_bias()
+        """The shared relative position bias (H, 1 + N, 1 + N), added to the logits of every block. With a teacher
+        context W > 0 (Figure 3), patch i sees only the patches j within a (2W + 1) × (2W + 1) square around it,
+        max(|y_i − y_j|, |x_i − x_j|) ≤ W on the grid, and not the CLS token; the CLS token sees everything. So a
+        patch's output after L blocks depends on the patches within L·W of it only (DEVIATIONS.md 36)."""
+        bias = self.rel_pos_bias()                                            # (H, 1 + N, 1 + N)
+        if window == 0:
+            return bias
+        h, w = self.rel_pos_bias.grid
+        yx = torch.stack(torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device),
+                                        indexing='ij')).flatten(1)           # (2, N): row, column of each patch
+        near = (yx[:, :, None] - yx[:, None, :]).abs().amax(0) <= window      # (N, N)
+        sees = torch.ones(1 + h * w, 1 + h * w, dtype=torch.bool, device=x.device)
+        sees[1:, 1:], sees[1:, 0] = near, False                               # patches: their square, no CLS
+        return bias.masked_fill(~sees, float('-inf'))
 
 
 class TextFrontEnd(FrontEnd):

@@ -180,3 +180,37 @@ def test_text_teacher_reads_the_original_tokens_through_the_shared_embedding():
     by_hand = F.layer_norm(e.tokens.weight[original] + e.positions.weight[torch.arange(2, 18)], (32,), e.layer_norm.weight,
                            e.layer_norm.bias)
     torch.testing.assert_close(model(source, None, mask, original=original)[1], by_hand)
+
+
+@pytest.mark.parametrize('modality', ['speech', 'vision', 'text'])
+def test_teacher_context_limits_each_target_to_l_times_w_steps(modality):
+    """Figure 3's teacher context W: block l's output at step t depends on no input farther than l·W steps from t
+    (vision: patches, max(|Δrow|, |Δcolumn|) on the grid), checked by changing one input step and seeing which outputs
+    move; W = 0 is the whole input, where a far step moves too. Speech and text: the teacher reads the shared
+    front-end's tokens; vision: the raw image, through its own patch embedding."""
+    L, W = 3, 1
+    cfg = ModelConfig(modality=modality, dim=32, layers=L, heads=4, ffn_dim=64, conv_dim=8, image_size=32, patch_size=4,
+                      vocab_size=300, max_tokens=40, layer_scale=0.5, dropout=0.0, attn_dropout=0.0)
+    torch.manual_seed(0)
+    teacher = Teacher(Data2Vec(cfg))
+    for p in teacher.parameters():                              # a random relative position bias too (zero at init)
+        if p.ndim == 2 and p.shape[1] == 4:
+            torch.nn.init.normal_(p)
+    if modality == 'vision':                                   # an 8 × 8 grid; change the pixels of patch (4, 4) only
+        x = torch.rand(1, 3, 32, 32)
+        changed = x.clone()
+        changed[:, :, 16:20, 16:20] = torch.rand(1, 3, 4, 4)
+        rows, cols = torch.arange(64) // 8, torch.arange(64) % 8
+        distance = torch.maximum((rows - 4).abs(), (cols - 4).abs())   # (N,) from patch (4, 4)
+    else:                                                      # 40 tokens; change step 20 only
+        x = torch.randn(1, 40, 32)
+        changed = x.clone()
+        changed[0, 20] += torch.randn(32)
+        distance = (torch.arange(40) - 20).abs()
+    taps, moved = teacher(x, tap='block', window=W), teacher(changed, tap='block', window=W)
+    for l, (a, b) in enumerate(zip(taps, moved), start=1):
+        differs = (a != b).any(-1)[0]                          # (T,) which outputs moved at all
+        assert not differs[distance > l * W].any(), (l, distance[differs].tolist())
+        assert differs[distance == l * W].any() and differs[distance == 0].all(), l   # the window is not narrower
+    full, full_moved = teacher(x, tap='block')[-1], teacher(changed, tap='block')[-1]
+    assert (full != full_moved).any(-1)[0][distance == distance.max()].all()      # W = 0: everything

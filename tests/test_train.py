@@ -118,7 +118,6 @@ def test_one_vision_step_from_the_command_line(tmp_path):
 @pytest.mark.parametrize('modality, args, words', [
     ('vision', ['--image-size', '30', '--patch-size', '4'], '--image-size 30 must be divisible by --patch-size 4'),
     ('vision', ['--mask-length', '60'], '--mask-length 60'), ('vision', ['--schedule', 'linear'], '--schedule linear'),
-    ('vision', ['--teacher-context', '3'], '--teacher-context is for --modality speech'),
     ('vision', ['--crop', '32000'], '--crop is for --modality speech'),
     ('speech', ['--image-size', '64'], '--image-size is for --modality vision')])
 def test_bad_vision_flags_fail_with_the_flag_name(modality, args, words):
