@@ -317,6 +317,7 @@ class FinetuneConfig:
     label_smoothing: float = knob(-1.0, 'classification: label smoothing')
     drop_path: float = knob(-1.0, 'vision: stochastic depth of the last block')
     layerdrop: float = knob(-1.0, 'speech, text: LayerDrop')
+    min_crop_scale: float = knob(0.0, 'vision: random resized crops of the training images cover this fraction of the image or more')
     freeze_steps: int = knob(-1, 'speech: the encoder stays frozen (head only) for the first N updates (fairseq freeze_finetune_updates)')
     mask_prob: float = knob(-1.0, 'speech: time masking with the mask embedding, fairseq mask_prob (0 = off)')
     mask_length: int = knob(0, 'speech: frames per time-mask span')
@@ -341,10 +342,10 @@ RECIPES = {
                             layerdrop=0.0, mask_prob=0.3, mask_length=5, mask_channel_prob=0.25, mask_channel_length=16)},
     'vision': {'base': dict(steps=125_000, batch_size=1024, lr=4e-3, probe_lr=1e-2, schedule='cosine', warmup=0.2, min_lr=1e-6,
                             weight_decay=0.0, no_decay_1d=True, adam_beta2=0.999, layer_decay=0.65, label_smoothing=0.1,
-                            drop_path=0.2),
+                            drop_path=0.2, min_crop_scale=0.08),   # BEiT fine-tuning: RandomResizedCrop, scale (0.08, 1)
                'tiny': dict(steps=300, batch_size=64, lr=1e-3, probe_lr=3e-3, schedule='cosine', warmup=0.1, min_lr=1e-6,
                             weight_decay=0.05, no_decay_1d=True, adam_beta2=0.999, layer_decay=0.75, label_smoothing=0.1,
-                            drop_path=0.1)},
+                            drop_path=0.1, min_crop_scale=0.35)},  # the tiny pretraining preset's crops
     'text': {'base': dict(TEXT_RECIPE, steps=10_000, batch_size=32, lr=2e-5, probe_lr=1e-3, warmup=0.06),
              'tiny': dict(TEXT_RECIPE, steps=300, batch_size=32, lr=3e-4, probe_lr=3e-3, warmup=0.1)},
 }
@@ -385,7 +386,8 @@ def fill_recipe(cfg, preset):
     for ok, msg in [(cfg.steps >= 1 and cfg.batch_size >= 1, '--steps and --batch-size must be ≥ 1'),
                     (cfg.lr > 0, f'--lr {cfg.lr} must be > 0'),
                     (cfg.schedule in ('tri_stage', 'cosine'), f'--schedule {cfg.schedule}: choose tri_stage or cosine'),
-                    (0 < cfg.layer_decay <= 1, f'--layer-decay {cfg.layer_decay} must be in (0, 1]')]:
+                    (0 < cfg.layer_decay <= 1, f'--layer-decay {cfg.layer_decay} must be in (0, 1]'),
+                    (0 <= cfg.min_crop_scale <= 1, f'--min-crop-scale {cfg.min_crop_scale} must be in (0, 1]')]:
         if not ok:
             return msg
 

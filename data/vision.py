@@ -306,7 +306,8 @@ def embedded(split, mcfg):
 
 
 def labelled_collate(items, cfg, mcfg, train, generator=None):
-    """→ dict(source (B, 3, H, W), labels (B,)): BEiT's augmentation while training (crops of ≥ 0.35 of the image),
-    a centre crop to evaluate."""
-    images = [augment(x, mcfg.image_size, 0.35, generator) if train else resize(x, mcfg.image_size) for x, _ in items]
+    """→ dict(source (B, 3, H, W), labels (B,)): BEiT's augmentation while training (random resized crops of at least
+    the recipe's --min-crop-scale of the image, a flip, colour jitter), a centre crop to evaluate."""
+    images = [augment(x, mcfg.image_size, cfg.min_crop_scale, generator) if train else resize(x, mcfg.image_size)
+              for x, _ in items]
     return dict(source=torch.stack(images), labels=torch.tensor([y for _, y in items]))

@@ -497,3 +497,22 @@ def test_help_lists_the_flags():
     r = finetune_cli('--help')
     assert r.returncode == 0, r.stderr
     assert all(flag in r.stdout for flag in ('--init', '--labeled', '--linear-probe', '--use-teacher', '--layer-decay'))
+
+
+def test_vision_fine_tuning_crops_come_from_the_recipe(monkeypatch):
+    """The training crops' smallest area is the recipe's: base is BEiT fine-tuning's RandomResizedCrop (beit/datasets.py
+    build_transform calls timm's create_transform without a scale: timm's default (0.08, 1)), tiny the tiny
+    pretraining preset's 0.35;
+    --min-crop-scale overrides both, and labelled_collate hands it to the augmentation."""
+    import data.vision
+    from config import fill_recipe
+    for preset, expected in (('base', 0.08), ('tiny', 0.35)):
+        cfg = finetune.parse_finetune_args(['--modality', 'vision', '--init', 'scratch'])
+        assert fill_recipe(cfg, preset) is None and cfg.min_crop_scale == expected
+    cfg = finetune.parse_finetune_args(['--modality', 'vision', '--init', 'scratch', '--min-crop-scale', '0.5'])
+    fill_recipe(cfg, 'base')
+    seen = []
+    monkeypatch.setattr(data.vision, 'augment', lambda image, size, min_scale, g: seen.append(min_scale) or image.float())
+    mcfg = ModelConfig(modality='vision', image_size=8)
+    batch = data.vision.labelled_collate([(torch.zeros(3, 8, 8, dtype=torch.uint8), 1)] * 2, cfg, mcfg, train=True)
+    assert seen == [0.5, 0.5] and batch['source'].shape == (2, 3, 8, 8)
