@@ -32,13 +32,45 @@ RESUMABLE = ('steps', 'out', 'data', 'device', 'compile', 'workers', 'log_every'
 # -------------------------------------------------------------------------------------------- the data2vec step
 
 
-def masked_std(x, mask):
-    """fairseq compute_var: std over the masked steps of each channel, averaged over channels. x: (B, T, D)."""
+def masked_moments(x, mask):
+    """What fairseq's compute_var needs of x (B, T, D) over the masked steps: their count n, the mean (D,) and
+    M2 = Σ (x − mean)² (D,) of each channel, packed as one (1 + 2D,) tensor, so micro-batches and ranks pool exactly."""
     w = mask[..., None].float()                                        # (B, T, 1)
     n = w.sum()
     mean = (x * w).sum((0, 1)) / n                                     # (D,)
-    var = ((x - mean).square() * w).sum((0, 1)) / (n - 1).clamp(min=1)
-    return (var + 1e-6).sqrt().mean()
+    m2 = ((x - mean).square() * w).sum((0, 1))                         # (D,)
+    return torch.cat([n[None], mean, m2])                              # (1 + 2D,)
+
+
+def pool_moments(parts):
+    """The moments of the union of the parts' masked steps (Chan et al.'s parallel variance): n = Σ nᵢ,
+    mean = Σ nᵢ·meanᵢ / n, M2 = Σ (M2ᵢ + nᵢ·(meanᵢ − mean)²). One part comes back as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    p = torch.stack(parts)                                             # (P, 1 + 2D)
+    D = (p.shape[1] - 1) // 2
+    n_i, mean_i, m2_i = p[:, :1], p[:, 1:1 + D], p[:, 1 + D:]
+    n = n_i.sum()
+    mean = (n_i * mean_i).sum(0) / n                                   # (D,)
+    return torch.cat([n[None], mean, (m2_i + n_i * (mean_i - mean).square()).sum(0)])
+
+
+def masked_std(moments):
+    """fairseq compute_var: the std over the masked steps of each channel (unbiased), averaged over channels."""
+    D = (moments.shape[0] - 1) // 2
+    n, m2 = moments[0], moments[1 + D:]
+    return (m2 / (n - 1).clamp(min=1) + 1e-6).sqrt().mean()
+
+
+def update_stds(stats, ddp):
+    """(target std, prediction std) over every masked step of the update: its micro-batches (pooled in train_step) and,
+    under DDP, every rank's, pooled before the square root, as fairseq all-reduces its sums. A host sync: log steps only."""
+    moments = torch.stack([stats['target_moments'], stats['pred_moments']])   # (2, 1 + 2D)
+    ranks = [moments]
+    if ddp:
+        ranks = [torch.empty_like(moments) for _ in range(dist.get_world_size())]
+        dist.all_gather(ranks, moments)
+    return [masked_std(pool_moments([r[i] for r in ranks])).item() for i in (0, 1)]
 
 
 def forward_loss(model, teacher, batch, cfg):
@@ -51,7 +83,7 @@ def forward_loss(model, teacher, batch, cfg):
                         cfg.teacher_context, cfg.target_post_norm)                # (B, T, D) fp32, no grad
     scale = {0: None, -1: 1 / pred.shape[-1]}.get(cfg.loss_scale, cfg.loss_scale)  # None: 1/√D
     loss = regression_loss(pred, y, mask, cfg.loss_beta, scale)
-    return loss, dict(target_var=masked_std(y, mask), pred_var=masked_std(pred.detach().float(), mask))
+    return loss, dict(target_moments=masked_moments(y, mask), pred_moments=masked_moments(pred.detach().float(), mask))
 
 
 def train_step(model, teacher, optimizer, micro_batches, step, cfg, autocast, loss_fn=forward_loss):
@@ -59,18 +91,21 @@ def train_step(model, teacher, optimizer, micro_batches, step, cfg, autocast, lo
 
     loss_fn: forward_loss, or torch.compile(forward_loss) (--compile). A NaN/Inf loss or gradient norm skips the Adam
     and EMA steps (under DDP if it happens on any rank): reading that flag is the one host sync per update. Returns
-    the loss and stats averaged over the micro-batches, as device tensors, and whether the update was applied.
+    the loss averaged over the micro-batches and their target and prediction moments pooled, as device tensors, and
+    whether the update was applied.
     """
     for group in optimizer.param_groups:
         group['lr'] = lr_at(step, cfg)
-    total = {}
+    total, moments = dict(loss=0), {}
     for i, batch in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1 or not isinstance(model, DDP)
         with (nullcontext() if sync else model.no_sync()), autocast:
             loss, stats = loss_fn(model, teacher, batch, cfg)
         (loss / len(micro_batches)).backward()
-        for k, v in dict(stats, loss=loss.detach()).items():
-            total[k] = total.get(k, 0) + v / len(micro_batches)
+        total['loss'] = total['loss'] + loss.detach() / len(micro_batches)
+        for k, v in stats.items():
+            moments.setdefault(k, []).append(v)
+    total.update({k: pool_moments(v) for k, v in moments.items()})
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     total['grad_norm'] = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip, foreach=True) if cfg.clip > 0 else
                           torch.nn.utils.get_total_norm(grads, foreach=True))
@@ -203,10 +238,10 @@ def main(argv=None):
             run.count(applied, stats['loss'], stats['grad_norm'], cfg.max_bad_steps)
             bar.update(int(applied))
             if run.due(cfg.log_every, cfg.steps, applied):            # the only other host syncs, once per log interval
-                logged = torch.stack([run.loss_sum / (run.step - run.last_log), stats['target_var'], stats['pred_var']])
+                loss = run.loss_sum / (run.step - run.last_log)
                 if ddp:
-                    dist.all_reduce(logged, op=dist.ReduceOp.AVG)      # every rank takes the same collapse decision
-                loss, target_var, pred_var = logged.tolist()
+                    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+                loss, (target_var, pred_var) = loss.item(), update_stds(stats, ddp)   # the same collapse decision on every rank
                 now = time.time()
                 rec = run.log(loss=loss, lr=lr_at(run.step - 1, cfg), target_var=target_var, pred_var=pred_var,
                               ema_decay=ema_decay_at(run.step, cfg.ema_start, cfg.ema_end, cfg.ema_anneal_steps),

@@ -332,3 +332,22 @@ def test_every_preset_matches_its_source(modality, preset, expected):
     if modality == 'text':
         _, span = parse_train_args(['--modality', 'text', '--text-mask', 'span'])
         assert (span.mask_prob, span.mask_length) == (0.35, 4)              # the released config's masking
+
+
+def test_collapse_stats_pool_micro_batches_and_ranks_before_the_square_root():
+    """fairseq compute_var under DDP sums the count, the sum and the sum of squares over every GPU, then takes the
+    square root: the std of each channel over every masked step of the update, averaged over channels. Here one
+    update's masked steps are split over 3 micro-batches (or ranks) of unequal masked counts and shifted means; the
+    pooled moments give that std, computed here directly on all masked rows with torch.var. Averaging the parts' stds
+    instead (what DDP logged before) gives another number."""
+    from train import masked_moments, masked_std, pool_moments
+    torch.manual_seed(0)
+    parts = [(torch.randn(2, 7, 5) * s + m, torch.rand(2, 7) < p) for s, m, p in ((1.0, 0.0, 0.5), (3.0, 2.0, 0.3), (0.5, -1.0, 0.8))]
+    rows = torch.cat([x[mask] for x, mask in parts])                  # (M, D): every masked step
+    direct = (rows.var(0, unbiased=True) + 1e-6).sqrt().mean()
+    moments = [masked_moments(x, mask) for x, mask in parts]
+    torch.testing.assert_close(masked_std(pool_moments(moments)), direct)
+    for x, mask in parts:                                              # one part: its own std
+        torch.testing.assert_close(masked_std(masked_moments(x, mask)), (x[mask].var(0) + 1e-6).sqrt().mean())
+    averaged = sum(masked_std(m) for m in moments) / len(moments)
+    assert abs(averaged - direct) > 0.1
