@@ -35,15 +35,26 @@ def test_attention_matches_softmax_formula():
     torch.testing.assert_close(att(x, attention_mask(pad, 7)), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_taps_are_consistent():
+def test_post_ln_block_taps_against_a_recomputation():
+    """Every tap of a post-LN block (fairseq TransformerSentenceEncoderLayer) recomputed here from its weights: softmax
+    attention written out, then LN₁(x + a), the FFN, the residual and LN₂, with F.layer_norm (ε 1e-5)."""
     torch.manual_seed(0)
     blk = Block(32, 4, 64, dropout=0.0, attn_dropout=0.0).eval()
+    for norm in (blk.self_attn_layer_norm, blk.final_layer_norm):    # LayerNorms that are not the identity
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
     x = torch.randn(2, 10, 32)
-    taps = {name: blk(x, tap=name)[1] for name in ('attention', 'ffn', 'ffn_residual', 'block')}
-    residual = blk.self_attn_layer_norm(x + taps['attention'])        # post-LN: the residual the FFN is added to
-    torch.testing.assert_close(taps['ffn'] + residual, taps['ffn_residual'])
-    torch.testing.assert_close(blk.final_layer_norm(taps['ffn_residual']), taps['block'])
-    torch.testing.assert_close(blk(x)[0], taps['block'])
+    att = blk.self_attn
+    q, k, v = (p(x).view(2, 10, 4, 8).transpose(1, 2) for p in (att.q_proj, att.k_proj, att.v_proj))
+    a = att.out_proj(((q @ k.transpose(-1, -2)) / math.sqrt(8)).softmax(-1).matmul(v).transpose(1, 2).reshape(2, 10, 32))
+    r = F.layer_norm(x + a, (32,), blk.self_attn_layer_norm.weight, blk.self_attn_layer_norm.bias)
+    f = blk.fc2(F.gelu(blk.fc1(r)))                                   # the paper's target: FFN output before the residual
+    s = r + f
+    out = F.layer_norm(s, (32,), blk.final_layer_norm.weight, blk.final_layer_norm.bias)
+    for name, expected in dict(attention=a, ffn=f, ffn_residual=s, block=out).items():
+        y, tap = blk(x, tap=name)
+        torch.testing.assert_close(tap, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y, out, atol=1e-5, rtol=1e-5)
 
 
 def test_teacher_context_window_limits_what_a_step_sees():
@@ -337,10 +348,25 @@ def test_vision_init_and_stochastic_depth_follow_beit():
     assert 0.0103 / 2 < vit.layers[1].fc2.weight.std() < 0.0113 / 2  # fix_init_weight: block 2 divided by √(2·2)
     assert [b.drop_path for b in vit.layers] == pytest.approx([0.0, 0.1, 0.2, 0.3])   # linear from 0
     image = torch.rand(4, 3, 32, 32)
-    model.eval()                                                       # the teacher: no stochastic depth, no dropout
-    torch.testing.assert_close(model.encode(image)[0], model.encode(image)[0])
+    # eval (the teacher) is deterministic: it equals, in train mode, a copy with stochastic depth and dropouts at 0
+    still = Data2Vec(ModelConfig(**{**vars(cfg), 'drop_path': 0.0, 'dropout': 0.0, 'attn_dropout': 0.0}))
+    still.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model.eval().encode(image)[0], still.train().encode(image)[0])
     model.train()
-    assert not torch.allclose(model.encode(image)[0], model.encode(image)[0])   # the student drops whole branches per sample
+    assert not torch.allclose(model.encode(image)[0], still.encode(image)[0])   # the student drops paths
+
+
+def test_drop_path_drops_whole_samples_and_rescales_the_rest():
+    """Stochastic depth (Huang et al.; timm DropPath): each sample's branch is all zero with probability p, else all
+    scaled by 1/(1 − p), so its expectation is unchanged; the identity in eval mode."""
+    from model import drop_path
+    torch.manual_seed(0)
+    x = torch.ones(4000, 3, 5)
+    y = drop_path(x, 0.25, training=True)
+    per_sample = y.flatten(1)
+    assert ((per_sample == 0).all(1) | (per_sample == 1 / 0.75).all(1)).all()   # whole samples, nothing in between
+    assert abs((per_sample[:, 0] == 0).float().mean().item() - 0.25) < 0.03 and abs(y.mean().item() - 1) < 0.05
+    assert torch.equal(drop_path(x, 0.25, training=False), x)
 
 
 def test_text_embedding_positions_start_after_pad_and_roberta_base_size():

@@ -137,8 +137,24 @@ def test_cosine_schedule_and_vision_weight_decay_groups():
     decay, no_decay = param_groups(model, cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     assert no_decay['weight_decay'] == 0 and 'weight_decay' not in decay
-    assert {names[id(p)] for p in no_decay['params']} == {n for n, p in model.named_parameters() if p.ndim == 1} | {'front_end.cls_token'}
-    assert 'front_end.mask_token' in {names[id(p)] for p in decay['params']}      # (1, 1, D): BEiT decays it
+    # BEiT (optim_factory.get_parameter_groups, run by data2vec_vision's run_cyclical.py): no weight decay where
+    # len(shape) == 1, the name ends in .bias, or it is in model.no_weight_decay() = {'pos_embed', 'cls_token'}
+    # (modeling_cyclical.py). For a 1-block BEiT that is, in BEiT's names → ours:
+    beit_no_decay = {'cls_token': 'front_end.cls_token', 'patch_embed.proj.bias': 'front_end.patch_embed.proj.bias',
+                     'blocks.0.gamma_1': 'encoder.layers.0.gamma_1', 'blocks.0.gamma_2': 'encoder.layers.0.gamma_2',
+                     'blocks.0.norm1.weight': 'encoder.layers.0.norm1.weight', 'blocks.0.norm1.bias': 'encoder.layers.0.norm1.bias',
+                     'blocks.0.attn.q_bias': 'encoder.layers.0.self_attn.q_proj.bias',
+                     'blocks.0.attn.v_bias': 'encoder.layers.0.self_attn.v_proj.bias',
+                     'blocks.0.attn.proj.bias': 'encoder.layers.0.self_attn.out_proj.bias',
+                     'blocks.0.norm2.weight': 'encoder.layers.0.norm2.weight', 'blocks.0.norm2.bias': 'encoder.layers.0.norm2.bias',
+                     'blocks.0.mlp.fc1.bias': 'encoder.layers.0.fc1.bias', 'blocks.0.mlp.fc2.bias': 'encoder.layers.0.fc2.bias',
+                     'norm.weight': 'encoder.norm.weight', 'norm.bias': 'encoder.norm.bias', 'lm_head.bias': 'regression_head.bias'}
+    assert {names[id(p)] for p in no_decay['params']} == set(beit_no_decay.values())
+    assert {names[id(p)] for p in decay['params']} == {   # 2-D and up decay: the mask token (1, 1, D) and the bias table too
+        'front_end.mask_token', 'front_end.patch_embed.proj.weight', 'front_end.rel_pos_bias.table', 'regression_head.weight',
+        *(f'encoder.layers.0.{w}.weight' for w in ('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj',
+                                                   'self_attn.out_proj', 'fc1', 'fc2'))}
+    assert [id(p) for p in param_groups(model, TrainConfig())] == list(names)   # fairseq (no --no-decay-1d): all decay
 
 
 def test_a_truncated_image_found_by_a_loader_worker_fails_in_one_line_with_strict_data(tmp_path):
