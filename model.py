@@ -4,9 +4,14 @@ Paper: Baevski et al., "data2vec: A General Framework for Self-supervised Learni
 Vision and Language" (2022). A student encodes a masked input and, at the masked time steps,
 regresses targets built by an EMA teacher from the unmasked input (teacher.py).
 
-The modality lives in the front-end (encoders.py); this file has no modality branch. The blocks are
-the released models': post-LN for speech and text (wav2vec 2.0 / fairseq, RoBERTa), BEiT's pre-LN blocks
-with LayerScale for vision (data2vec vision v1). All expose the same block taps.
+The modality lives in the front-end (encoders.py); this file has no modality branch. What the student sees:
+
+    speech  a waveform → 20 ms frames, the masked ones replaced by a learned mask embedding (spans of 10 frames)
+    vision  an image → 16 × 16 patches, the masked ones replaced by a learned mask token, a CLS token in front
+    text    token ids in which the masked ones already are <mask> (BERT's 80/10/10), → token embeddings
+
+The blocks are the released models': post-LN for speech and text (wav2vec 2.0 / fairseq, RoBERTa), BEiT's
+pre-LN blocks with LayerScale for vision (data2vec vision v1). All expose the same block taps.
 
 Legend:  B batch · S waveform samples · T time steps (frames, tokens, or image patches N) · D model width
          H heads · L blocks · K top-K target blocks · M masked steps.

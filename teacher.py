@@ -5,9 +5,16 @@
     targets           y_t = post((1/K) Σ_{l = L−K+1..L} norm(a_t^l))
 
 a_t^l is a chosen tensor ('tap', model.Block) of teacher block l at step t for the unmasked input;
-norm and post are parameter-free. Speech: norm = instance norm over time, post = none (fairseq v1).
-Vision: norm = layer norm over channels, post = layer norm (data2vec vision post_target_layer_norm).
-Legend as in model.py.
+norm and post are parameter-free. Per modality (config.PRESETS):
+
+    speech  the FFN output before the last residual, K 8; norm = instance norm over time, post = none (fairseq v1);
+            the teacher averages the Transformer and shares the feature and positional encoders
+    vision  the end-of-block output, K 6; norm = layer norm over channels, post = layer norm (data2vec_vision
+            post_target_layer_norm); the teacher averages everything, the patch embedding included
+    text    the FFN output before the last residual, K 10; norm = layer norm over channels, post = none (fairseq
+            data2vec_text); the teacher averages the blocks and shares the embeddings, reading the original tokens
+
+Which parts the teacher averages is the front-end's to say (encoders.FrontEnd.averaged). Legend as in model.py.
 """
 import copy
 
