@@ -12,7 +12,7 @@ in training. Any other train.py flag is passed on (--top-k 4, --dim 256, …). O
 
 peer_hf.py (../shared/bench, copied into .bench/) is the same step built from HF transformers. Timing: --warmup
 untimed steps (torch.compile compiles, workers start), then --steps steps between CUDA syncs. train_step syncs the
-host once per update, so `data_frac` (the time in next(data) and the host → device copies) is the GPU waiting.
+host once per update, so `data_frac` (the time in next(stream) and the host → device copies) is the GPU waiting.
 `host_syncs` counts the calls in one step that make the host wait for the GPU (CUDA's sync debug mode; the NaN/Inf
 check is one).
 
@@ -80,6 +80,8 @@ def main(argv=None):
     # ---- built as train.main builds them, on a synthetic set of the benchmark's shape (noise clips, images, token blocks)
     device, cuda, autocast = pick_device(cfg.device)
     timed = args.warmup + args.steps                                   # + 1 sync step + 1 FLOP step: one epoch, workers start once
+    # before build: bench_data sets what the data fix (speech: --crop to the clips' length, which build's recompile limit
+    # reads; text: the <pad> id of its specials)
     dataset, collate, shape = data.modality(mcfg.modality).bench_data(mcfg, cfg, (timed + 2) * B, args.seconds, cfg.seed)
     model, teacher, optimizer, loss_fn = train.build(mcfg, cfg, device, cuda)
     stream = batches(dataset, collate, B, cfg.seed, workers=cfg.workers, pin=cuda)

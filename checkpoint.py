@@ -7,6 +7,7 @@
     check_writable(out)       at start-up, not at the first save hours later
     resume_changes            a stored config against this run's: an error for what may not change, a note for the rest
     resume_log                log.jsonl kept up to the checkpoint's step, then appended to
+    gather                    every rank's object (torch.distributed.all_gather_object), or [obj] on one process
     StopSignal, stop_agreed   SIGTERM (preemption) or SIGINT (Ctrl-C) → a flag every rank reads at the next step boundary
     update_is_finite          a NaN/Inf loss or gradient norm on any rank skips the update; skipped_update, too_many_bad_steps
 """
@@ -245,8 +246,8 @@ class RunState:
         RunState(out, resume)     --out writable now; its checkpoint.pt opened (--resume) or refused (no --resume)
         restore(steps, load)      counters, the data position and every RNG from the checkpoint; load(ckpt) the modules
         open_log()                log.jsonl kept up to the checkpoint's step, then appended to (rank 0)
-        read(errors)              unreadable samples of a micro-batch: printed now, logged at the next log line
-        count(applied, …)         an applied update, or a skipped one (NaN/Inf): logged, stopped after --max-bad-steps
+        took_batch(errors)        a micro-batch consumed; its unreadable samples printed now, logged at the next line
+        after_update(applied, …)  an applied update, or a skipped one (NaN/Inf): logged, stopped after --max-bad-steps
         log(record)               a metric line; unreadable samples of every rank go in before it
         save(state)               a checkpoint with this state, every rank's RNG and running sums (rank 0 writes)
         stop_if_signalled(…)      SIGTERM/SIGINT on any rank: save at this step boundary, say how to continue, exit
@@ -293,8 +294,9 @@ class RunState:
             self.log_file, self.records = resume_log(self.out / 'log.jsonl', self.step, self.ckpt)
             self.pending += [] if self.ckpt else list(startup_errors)
 
-    def read(self, errors):
-        """A micro-batch's unreadable samples (already replaced by readable ones): printed now, logged at the next line."""
+    def took_batch(self, errors):
+        """A micro-batch was consumed (the data position advances); its unreadable samples, already replaced by
+        readable ones, are printed now and logged (with every rank's) at the next log line or checkpoint."""
         self.consumed += 1
         self.pending += errors
         for e in errors:
@@ -311,7 +313,7 @@ class RunState:
         for e in errors:
             self._write(dict(step=self.step, event='bad sample', error=e))
 
-    def count(self, applied, loss, grad_norm, max_bad_steps):
+    def after_update(self, applied, loss, grad_norm, max_bad_steps):
         """After an update: the step advances, or the skip is logged (every rank agrees: the flag was all-reduced), and
         after --max-bad-steps skips in a row the run stops, naming the last good checkpoint."""
         if applied:

@@ -19,7 +19,7 @@ from dataclasses import MISSING, dataclass, field, fields
 import torch
 
 TAPS = ('attention', 'ffn', 'ffn_residual', 'block')  # which tensor of a block the teacher's targets use (model.Block)
-SPECIALS = 5                                           # <s> <pad> </s> <unk> <mask> (data.text.SPECIALS)
+N_SPECIALS = 5                                         # <s> <pad> </s> <unk> <mask> (data.text.SPECIALS)
 
 
 def knob(default, help):
@@ -235,7 +235,7 @@ def modality_checks(mcfg, cfg):
         'text': [
             (3 <= cfg.block_size <= mcfg.max_tokens, f'--block-size {cfg.block_size} must be in [3, --max-tokens {mcfg.max_tokens}]'),
             (cfg.text_mask in ('bert', 'span'), f'--text-mask {cfg.text_mask}: choose bert or span'),
-            (mcfg.vocab_size >= 256 + SPECIALS, f'--vocab-size {mcfg.vocab_size} must be ≥ {256 + SPECIALS}: 256 bytes + specials')],
+            (mcfg.vocab_size >= 256 + N_SPECIALS, f'--vocab-size {mcfg.vocab_size} must be ≥ {256 + N_SPECIALS}: 256 bytes + specials')],
     }[mcfg.modality]
 
 
@@ -353,9 +353,12 @@ TASKS = {'speech': ('ctc', 'classify'), 'vision': ('classify',), 'text': ('class
 
 
 def parse_finetune_args(argv=None):
-    p = argparse.ArgumentParser(description='data2vec fine-tuning and linear probes. Unset numbers come from the recipe (RECIPES).')
+    p = argparse.ArgumentParser(description='data2vec fine-tuning and linear probes. Flags not given come from the recipe (RECIPES).')
     add_flags(p, fields(FinetuneConfig), lambda f: (f.default, ''))
     cfg = FinetuneConfig(**vars(p.parse_args(argv)))
+    given = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)   # which flags the user gave
+    add_flags(given, fields(FinetuneConfig), lambda f: (argparse.SUPPRESS, ''))
+    cfg.given = set(vars(given.parse_known_args(argv)[0]))             # not a field: neither saved nor compared on resume
     tasks = TASKS.get(cfg.modality, ('classify',))
     cfg.task = cfg.task or tasks[0]
     cfg.out = cfg.out or f'runs/finetune-{cfg.modality}'
@@ -374,20 +377,24 @@ def parse_finetune_args(argv=None):
 
 
 def fill_recipe(cfg, preset):
-    """Knobs left at their default take the recipe's value (the lr: probe_lr under --linear-probe). → None or an error."""
+    """Knobs not given as flags take the recipe's value (the lr: probe_lr under --linear-probe), so --no-no-decay-1d or
+    --lr 0 mean what they say. → None, or the error message of an out-of-range value."""
     recipe = dict(RECIPES[cfg.modality][preset])
     probe_lr = recipe.pop('probe_lr')
     recipe['lr'] = probe_lr if cfg.linear_probe else recipe['lr']
     if cfg.task == 'classify' or cfg.linear_probe:                # SpecAugment is CTC fine-tuning's (DEVIATIONS.md)
         recipe.update(mask_prob=0.0, mask_channel_prob=0.0)
-    for f in fields(cfg):
-        if f.name in recipe and getattr(cfg, f.name) == f.default:
-            setattr(cfg, f.name, recipe[f.name])
+    given = getattr(cfg, 'given', {f.name for f in fields(cfg) if getattr(cfg, f.name) != f.default})
+    for name, value in recipe.items():
+        if name not in given:
+            setattr(cfg, name, value)
     for ok, msg in [(cfg.steps >= 1 and cfg.batch_size >= 1, '--steps and --batch-size must be ≥ 1'),
                     (cfg.lr > 0, f'--lr {cfg.lr} must be > 0'),
                     (cfg.schedule in ('tri_stage', 'cosine'), f'--schedule {cfg.schedule}: choose tri_stage or cosine'),
                     (0 < cfg.layer_decay <= 1, f'--layer-decay {cfg.layer_decay} must be in (0, 1]'),
-                    (0 <= cfg.min_crop_scale <= 1, f'--min-crop-scale {cfg.min_crop_scale} must be in (0, 1]')]:
+                    (0 <= cfg.min_crop_scale <= 1, f'--min-crop-scale {cfg.min_crop_scale} must be in (0, 1]'),
+                    (cfg.weight_decay >= 0 and 0 <= cfg.warmup <= 1, '--weight-decay must be ≥ 0 and --warmup in [0, 1]'),
+                    (0 < cfg.adam_beta2 < 1 and 0 <= cfg.label_smoothing < 1, '--adam-beta2 must be in (0, 1), --label-smoothing in [0, 1)')]:
         if not ok:
             return msg
 

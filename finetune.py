@@ -33,6 +33,7 @@ from data import DataError, MicroBatches, batches
 from data.labelled import load_data
 from data.speech import CTC_VOCAB
 from model import Data2Vec, trunc_normal_
+from teacher import Teacher
 
 # what a resumed run may change (checkpoint.resume_changes)
 RESUMABLE = ('steps', 'out', 'test_data', 'device', 'workers', 'log_every', 'ckpt_every', 'max_bad_steps', 'strict_data')
@@ -59,6 +60,9 @@ def load_encoder(cfg):
         raise DataError(f'--init {path}: not a train.py checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:300]})') from None
     if mcfg.modality != cfg.modality:
         raise DataError(f'--init {path}: a {mcfg.modality} checkpoint; --modality is {cfg.modality}')
+    if not any(k.startswith('front_end.') for k in ckpt['student']):
+        raise DataError(f'--init {path}: written before the front-end layout of 2026-11-30 (its weights are named '
+                        f'{next(iter(ckpt["student"]))}, …, not front_end.…); pretrain again with this version')
     if cfg.image_size and cfg.image_size != mcfg.image_size:
         raise DataError(f'--image-size {cfg.image_size}: --init {path} was pretrained on {mcfg.image_size}² images '
                         '(the relative position table fixes the grid); leave --image-size out')
@@ -74,8 +78,12 @@ def build_backbone(mcfg, ckpt, cfg):
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt['student'])
-            if cfg.use_teacher and model.load_state_dict(ckpt['teacher'], strict=False).unexpected_keys:
-                raise DataError(f'--init {cfg.init}: its teacher holds weights the student does not have')
+            if cfg.use_teacher:
+                expected = list(Teacher.averaged_part(model).state_dict())
+                if sorted(ckpt['teacher']) != sorted(expected):
+                    raise DataError(f'--init {cfg.init}: its teacher holds {len(ckpt["teacher"])} tensors, the '
+                                    f'architecture averages {len(expected)} ({sorted(set(expected) ^ set(ckpt["teacher"]))[:3]} …)')
+                model.load_state_dict(ckpt['teacher'], strict=False)         # the EMA's part; the rest stays the student's
         except RuntimeError as e:
             raise DataError(f'--init {cfg.init}: the weights do not fit the architecture in its config '
                             f'({str(e).splitlines()[1].strip()[:200]})') from None
@@ -313,7 +321,7 @@ def main(argv=None):
     with StopSignal() as stop, tqdm(total=cfg.steps, initial=run.step, desc='fine-tuning', dynamic_ncols=True) as bar:
         while run.step < cfg.steps:
             batch, errors = next(stream)                                      # errors: unreadable samples, replaced
-            run.read(errors)
+            run.took_batch(errors)
             model.frozen = cfg.linear_probe or run.step < cfg.freeze_steps
             model.train()
             if cfg.linear_probe:
@@ -328,7 +336,7 @@ def main(argv=None):
             if applied:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            run.count(applied, loss, norm, cfg.max_bad_steps)
+            run.after_update(applied, loss, norm, cfg.max_bad_steps)
             bar.update(int(applied))
             if run.due(cfg.log_every, cfg.steps, applied):
                 rec = run.log(loss=run.loss_sum.item() / (run.step - run.last_log), lr=lr_at(run.step - 1, cfg),

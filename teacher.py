@@ -29,17 +29,15 @@ class Teacher(nn.Module):
     It always averages the student's Transformer. It averages the front-end too where the front-end says so
     (`averaged`: vision, BEiT's EMA of the whole model) and then reads the raw input through its own copy. Otherwise
     the front-end is shared (speech: the feature and positional encoders, paper; text: the embeddings, fairseq): the
-    teacher reads the tokens the student's front-end made of the unmasked input, and holds that front-end in a plain
-    list, so it is neither copied, averaged nor saved. The state dict's keys are the student's for the same parts.
+    teacher reads the tokens the student's front-end made of the unmasked input, and is handed that front-end when
+    it runs (`front_end=`) for where positions enter the attention. Its state dict's keys are the student's.
     """
 
     def __init__(self, student):
         super().__init__()
-        self.front_end = copy.deepcopy(student.front_end) if student.front_end.averaged else None
-        self.encoder = copy.deepcopy(student.encoder)
-        self.shared = [student.front_end]                                     # a list: not a submodule
-        self.requires_grad_(False)
-        self.eval()
+        self.front_end = make_teacher(student.front_end) if student.front_end.averaged else None
+        self.encoder = make_teacher(student.encoder)
+        assert list(self.state_dict()) == list(self.averaged_part(student).state_dict()), 'teacher and student must pair up'
 
     @staticmethod
     def averaged_part(student):
@@ -47,18 +45,18 @@ class Teacher(nn.Module):
         parts = dict(front_end=student.front_end) if student.front_end.averaged else {}
         return nn.ModuleDict(dict(parts, encoder=student.encoder))
 
-    def forward(self, x, padding_mask=None, tap='ffn', window=0):
-        """x: the raw input (averaged front-end) or the student front-end's tokens (B, T, D) of the unmasked input
-        (shared) → the chosen tap of every block, (B, T, D) each, without the front-end's prefix (CLS)."""
-        front_end = self.shared[0] if self.front_end is None else self.front_end
+    def forward(self, x, padding_mask=None, tap='ffn', window=0, front_end=None):
+        """x: the raw input (averaged front-end) or, for a shared one, the tokens (B, T, D) that the student's
+        `front_end` made of the unmasked input → the chosen tap of every block, (B, T, D) each, without the prefix (CLS)."""
         if self.front_end is not None:
-            x, padding_mask, _ = self.front_end(x, padding_mask)              # (B, T', D)
+            front_end = self.front_end
+            x, padding_mask, _ = front_end(x, padding_mask)                   # (B, T', D)
         _, taps = self.encoder(x, front_end.attention(x, padding_mask, window), tap)
         return [t[:, front_end.prefix:] for t in taps]
 
 
 def make_teacher(module):
-    """A frozen copy of any module in eval mode (Teacher does this for the student's averaged parts)."""
+    """A frozen copy of a module, in eval mode: no gradient, no dropout."""
     teacher = copy.deepcopy(module)
     teacher.requires_grad_(False)
     return teacher.eval()
@@ -109,7 +107,9 @@ def make_targets(layer_outputs, kind='instance', padding_mask=None, post='none')
 
 
 @torch.no_grad()
-def teacher_targets(teacher, teacher_input, padding_mask=None, tap='ffn', top_k=8, norm='instance', window=0, post='none'):
-    """Run the teacher on the unmasked input and average its top-K taps. window: teacher context ±W (0 = all)."""
-    taps = teacher(teacher_input, padding_mask, tap=tap, window=window)
+def teacher_targets(teacher, teacher_input, padding_mask=None, tap='ffn', top_k=8, norm='instance', window=0, post='none',
+                    front_end=None):
+    """Run the teacher on the unmasked input and average its top-K taps. window: teacher context ±W (0 = all);
+    front_end: the student's, which a teacher that does not average its own shares."""
+    taps = teacher(teacher_input, padding_mask, tap=tap, window=window, front_end=front_end)
     return make_targets(taps[-top_k:], norm, padding_mask, post)

@@ -80,7 +80,7 @@ def forward_loss(model, teacher, batch, cfg):
     mask = batch['mask']                                                          # (B, T) bool, True = masked
     pred, teacher_input, padding = model(**batch)                                 # (B, T, D); what the teacher reads
     y = teacher_targets(teacher, teacher_input, padding, cfg.target_layer, cfg.top_k, cfg.target_norm,
-                        cfg.teacher_context, cfg.target_post_norm)                # (B, T, D) fp32, no grad
+                        cfg.teacher_context, cfg.target_post_norm, unwrap(model).front_end)   # (B, T, D) fp32, no grad
     scale = {0: None, -1: 1 / pred.shape[-1]}.get(cfg.loss_scale, cfg.loss_scale)  # None: 1/√D
     loss = regression_loss(pred, y, mask, cfg.loss_beta, scale)
     return loss, dict(target_moments=masked_moments(y, mask), pred_moments=masked_moments(pred.detach().float(), mask))
@@ -231,11 +231,11 @@ def main(argv=None):
             micro, t_wait = [], time.time()
             for _ in range(accum):
                 batch, errors = next(stream)                           # errors: samples that could not be read, replaced
-                run.read(errors)
+                run.took_batch(errors)
                 micro.append(to_device(batch, device))
             data_s += time.time() - t_wait                             # waiting for the loader (and the copies' launch)
             stats, applied = train_step(model, teacher, optimizer, micro, run.step, cfg, autocast, loss_fn)
-            run.count(applied, stats['loss'], stats['grad_norm'], cfg.max_bad_steps)
+            run.after_update(applied, stats['loss'], stats['grad_norm'], cfg.max_bad_steps)
             bar.update(int(applied))
             if run.due(cfg.log_every, cfg.steps, applied):            # the only other host syncs, once per log interval
                 loss = run.loss_sum / (run.step - run.last_log)
@@ -243,8 +243,9 @@ def main(argv=None):
                     dist.all_reduce(loss, op=dist.ReduceOp.AVG)
                 loss, (target_var, pred_var) = loss.item(), update_stds(stats, ddp)   # the same collapse decision on every rank
                 now = time.time()
-                rec = run.log(loss=loss, lr=lr_at(run.step - 1, cfg), target_var=target_var, pred_var=pred_var,
+                rec = run.log(loss=loss, lr=lr_at(run.step - 1, cfg),
                               ema_decay=ema_decay_at(run.step, cfg.ema_start, cfg.ema_end, cfg.ema_anneal_steps),
+                              target_var=target_var, pred_var=pred_var,
                               samples_per_s=(run.step - run.last_log) * cfg.batch_size / (now - t0),
                               data_frac=data_s / (now - t0), elapsed_s=now - t_start)
                 t0, data_s = time.time(), 0.0

@@ -518,3 +518,30 @@ def test_vision_fine_tuning_crops_come_from_the_recipe(monkeypatch):
     mcfg = ModelConfig(modality='vision', image_size=8)
     batch = data.vision.labelled_collate([(torch.zeros(3, 8, 8, dtype=torch.uint8), 1)] * 2, cfg, mcfg, train=True)
     assert seen == [0.5, 0.5] and batch['source'].shape == (2, 3, 8, 8)
+
+
+def test_checkpoints_of_the_old_layout_and_incomplete_teachers_fail_in_one_line(tmp_path, fails, speech_checkpoint):
+    """A checkpoint written before the front-end layout (student keys feature_encoder.…, not front_end.…), and a
+    --use-teacher whose teacher lacks part of what the architecture averages, each stop with one line saying so, not
+    with 'the weights do not fit the architecture'."""
+    ckpt = torch.load(speech_checkpoint, weights_only=True)
+    old = dict(ckpt, student={k.removeprefix('front_end.'): v for k, v in ckpt['student'].items()})
+    torch.save(old, tmp_path / 'old.pt')
+    status, err = fails('--modality', 'speech', '--init', str(tmp_path / 'old.pt'), '--out', str(tmp_path / 'a'))
+    assert_one_line_error(status, err, 'old.pt', 'written before the front-end layout', 'pretrain again')
+    partial = dict(ckpt, teacher={k: v for k, v in ckpt['teacher'].items() if '.layers.0.' not in k})
+    torch.save(partial, tmp_path / 'partial.pt')
+    status, err = fails('--modality', 'speech', '--init', str(tmp_path / 'partial.pt'), '--use-teacher', '--out', str(tmp_path / 'b'))
+    assert_one_line_error(status, err, 'partial.pt', 'its teacher holds', 'encoder.layers.0.')
+
+
+def test_a_flag_given_beats_the_recipe_even_at_its_default_value():
+    """Recipe values fill only the flags not given: --no-no-decay-1d keeps every parameter decaying for vision (whose
+    recipes exclude 1-D ones), and --lr 0 is an error rather than 'the recipe's lr'."""
+    from config import fill_recipe
+    cfg = finetune.parse_finetune_args(['--modality', 'vision', '--init', 'scratch', '--no-no-decay-1d'])
+    assert fill_recipe(cfg, 'tiny') is None and cfg.no_decay_1d is False and cfg.lr == 1e-3   # the rest from the recipe
+    cfg = finetune.parse_finetune_args(['--modality', 'vision', '--init', 'scratch'])
+    assert fill_recipe(cfg, 'tiny') is None and cfg.no_decay_1d is True
+    assert '--lr 0.0 must be > 0' in fill_recipe(finetune.parse_finetune_args(['--modality', 'vision', '--init', 'scratch',
+                                                                              '--lr', '0']), 'tiny')

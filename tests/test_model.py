@@ -157,7 +157,7 @@ def test_student_overfits_one_batch_with_a_frozen_teacher():
     mask = torch.zeros(2, conv_output_length(8000), dtype=torch.bool)
     mask[:, 5:15] = True
     with torch.no_grad():                                             # targets computed once: nothing moves them
-        y = teacher_targets(Teacher(model), model(wav)[1], top_k=2)
+        y = teacher_targets(Teacher(model), model(wav)[1], top_k=2, front_end=model.front_end)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(60):

@@ -59,15 +59,16 @@ def _ffn_outputs_by_hand(encoder, x):
 
 def test_targets_are_instance_normed_mean_of_top_k_ffn_outputs():
     torch.manual_seed(0)
-    teacher = Teacher(Data2Vec(ModelConfig(dim=32, layers=5, heads=4, ffn_dim=64, conv_dim=8)))
-    x = torch.randn(3, 40, 32)                                         # speech: the teacher reads the shared front-end's tokens
+    student = Data2Vec(ModelConfig(dim=32, layers=5, heads=4, ffn_dim=64, conv_dim=8))
+    teacher, shared = Teacher(student), student.front_end             # speech: the teacher reads the shared front-end's tokens
+    x = torch.randn(3, 40, 32)
     K = 3
     ffn = _ffn_outputs_by_hand(teacher.encoder, x)[-K:]
     expected = sum(F.instance_norm(f.transpose(1, 2)).transpose(1, 2) for f in ffn) / K   # IN over time per channel
-    y = teacher_targets(teacher, x, None, tap='ffn', top_k=K, norm='instance')
+    y = teacher_targets(teacher, x, None, tap='ffn', top_k=K, norm='instance', front_end=shared)
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
     assert y.dtype == torch.float32
-    layer = teacher_targets(teacher, x, None, tap='ffn', top_k=K, norm='layer')
+    layer = teacher_targets(teacher, x, None, tap='ffn', top_k=K, norm='layer', front_end=shared)
     torch.testing.assert_close(layer, sum(F.layer_norm(f, (32,)) for f in ffn) / K, atol=1e-5, rtol=1e-5)
 
 
@@ -164,7 +165,7 @@ def test_text_teacher_reads_the_original_tokens_through_the_shared_embedding():
     model.eval()
     embed = model.front_end.embed
     torch.testing.assert_close(teacher_input, embed(original))        # the uncorrupted sentence (paper), not the masked one
-    y = teacher_targets(teacher, teacher_input, None, tap='ffn', top_k=2, norm='layer')
+    y = teacher_targets(teacher, teacher_input, None, tap='ffn', top_k=2, norm='layer', front_end=model.front_end)
     ffn = _ffn_outputs_by_hand(teacher.encoder, embed(original))[-2:]
     torch.testing.assert_close(y, sum(F.layer_norm(f, (32,)) for f in ffn) / 2)
     model.train()
@@ -192,7 +193,8 @@ def test_teacher_context_limits_each_target_to_l_times_w_steps(modality):
     cfg = ModelConfig(modality=modality, dim=32, layers=L, heads=4, ffn_dim=64, conv_dim=8, image_size=32, patch_size=4,
                       vocab_size=300, max_tokens=40, layer_scale=0.5, dropout=0.0, attn_dropout=0.0)
     torch.manual_seed(0)
-    teacher = Teacher(Data2Vec(cfg))
+    student = Data2Vec(cfg)
+    teacher, shared = Teacher(student), student.front_end      # shared: what a speech or text teacher reads through
     for p in teacher.parameters():                              # a random relative position bias too (zero at init)
         if p.ndim == 2 and p.shape[1] == 4:
             torch.nn.init.normal_(p)
@@ -207,10 +209,10 @@ def test_teacher_context_limits_each_target_to_l_times_w_steps(modality):
         changed = x.clone()
         changed[0, 20] += torch.randn(32)
         distance = (torch.arange(40) - 20).abs()
-    taps, moved = teacher(x, tap='block', window=W), teacher(changed, tap='block', window=W)
+    taps, moved = teacher(x, tap='block', window=W, front_end=shared), teacher(changed, tap='block', window=W, front_end=shared)
     for l, (a, b) in enumerate(zip(taps, moved), start=1):
         differs = (a != b).any(-1)[0]                          # (T,) which outputs moved at all
         assert not differs[distance > l * W].any(), (l, distance[differs].tolist())
         assert differs[distance == l * W].any() and differs[distance == 0].all(), l   # the window is not narrower
-    full, full_moved = teacher(x, tap='block')[-1], teacher(changed, tap='block')[-1]
+    full, full_moved = teacher(x, tap='block', front_end=shared)[-1], teacher(changed, tap='block', front_end=shared)[-1]
     assert (full != full_moved).any(-1)[0][distance == distance.max()].all()      # W = 0: everything
