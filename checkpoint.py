@@ -367,4 +367,7 @@ class RunState:
             self.log_file.close()
             print(f'{stop.name or "a signal on another rank"}: saved {self.path} at step {self.step} of {steps}. '
                   f'To continue: {resume_hint(script, argv)}', file=sys.stderr)
+        if dist.is_initialized():                # every rank leaves together, so gloo/NCCL shut down cleanly
+            dist.barrier()
+            dist.destroy_process_group()
         raise SystemExit(128 + (stop.signum if stop.name else signal.SIGTERM))

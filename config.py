@@ -3,7 +3,8 @@
     ModelConfig     the architecture (model.py, encoders.py)
     TrainConfig     everything else of pretraining (train.py, bench.py)
     FinetuneConfig  fine-tuning and linear probes (finetune.py)
-    PRESETS         per modality: tiny (CPU, ≤ 5 min), base and large (the paper's models, from the released commands)
+    PRESETS         per modality: tiny (CPU, ≤ 5 min), base and large (the paper's models: the released commands and
+                    configs; speech and text large take base's optimisation, which the reference notes do not give)
     RECIPES         per modality: fine-tuning recipes, tiny and base
     parse_train_args, parse_finetune_args   flags → configs, out-of-range values refused with the flag's name
 
@@ -53,7 +54,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     """Everything but the architecture. Defaults are data2vec Base for speech (paper + fairseq base_librispeech.yaml)."""
-    preset: str = knob('tiny', "tiny: CPU, embedded data, ≤ 5 min | base | large: the paper's models")
+    preset: str = knob('tiny', "tiny: CPU, embedded data, ≤ 5 min | base | large: the paper's models (speech and text large: "
+                               "base's optimisation)")
     data: str = knob('', 'speech: folder of .wav/.flac (LibriSpeech layout); vision: ImageFolder tree (<class>/<image>.png|jpg); '
                          'text: a .txt file or folder (a document per paragraph); empty: the embedded synthetic set')
     encoding: str = knob('utf-8', 'text: the encoding of --data files')
@@ -392,7 +394,7 @@ def fill_recipe(cfg, preset):
                     (cfg.lr > 0, f'--lr {cfg.lr} must be > 0'),
                     (cfg.schedule in ('tri_stage', 'cosine'), f'--schedule {cfg.schedule}: choose tri_stage or cosine'),
                     (0 < cfg.layer_decay <= 1, f'--layer-decay {cfg.layer_decay} must be in (0, 1]'),
-                    (0 <= cfg.min_crop_scale <= 1, f'--min-crop-scale {cfg.min_crop_scale} must be in (0, 1]'),
+                    (cfg.modality != 'vision' or 0 < cfg.min_crop_scale <= 1, f'--min-crop-scale {cfg.min_crop_scale} must be in (0, 1]'),
                     (cfg.weight_decay >= 0 and 0 <= cfg.warmup <= 1, '--weight-decay must be ≥ 0 and --warmup in [0, 1]'),
                     (0 < cfg.adam_beta2 < 1 and 0 <= cfg.label_smoothing < 1, '--adam-beta2 must be in (0, 1), --label-smoothing in [0, 1)')]:
         if not ok:

@@ -37,7 +37,7 @@ def masked_moments(x, mask):
     M2 = Σ (x − mean)² (D,) of each channel, packed as one (1 + 2D,) tensor, so micro-batches and ranks pool exactly."""
     w = mask[..., None].float()                                        # (B, T, 1)
     n = w.sum()
-    mean = (x * w).sum((0, 1)) / n                                     # (D,)
+    mean = (x * w).sum((0, 1)) / n.clamp(min=1)                        # (D,); a part with nothing masked pools as empty
     m2 = ((x - mean).square() * w).sum((0, 1))                         # (D,)
     return torch.cat([n[None], mean, m2])                              # (1 + 2D,)
 
@@ -268,6 +268,7 @@ def main(argv=None):
               f'target std {last["target_var"]:.3f}, prediction std {last["pred_var"]:.3f}; wrote {run.out}/'
               '{config.json, log.jsonl, checkpoint.pt, curves.png}')
     if ddp:
+        dist.barrier()                     # every rank reaches the end before any tears gloo down (else: SIGABRT under load)
         dist.destroy_process_group()
 
 

@@ -332,7 +332,7 @@ TEXT_B = dict(       # paper (BERT masking, τn 100k, tri-stage 5/80/15) over fa
     loss_scale=1.0, text_mask='bert', mask_prob=0.15, mask_length=1, ema_start=0.999, ema_end=0.9999,
     ema_anneal_steps=100_000, schedule='tri_stage', lr=2e-4, warmup=0.05, hold=0.8, adam_beta2=0.98, adam_eps=1e-6,
     weight_decay=0.01, clip=5.0, steps=1_000_000, batch_size=16 * 16, block_size=512)   # 16 GPUs × 8192 tokens
-LARGE = dict(dim=1024, layers=24, heads=16, ffn_dim=4096)   # the Large architecture; its optimisation: base's (README)
+LARGE = dict(dim=1024, layers=24, heads=16, ffn_dim=4096)   # the paper's Large (wav2vec 2.0 / RoBERTa-large dims)
 
 
 @pytest.mark.parametrize('modality, preset, expected', [('speech', 'base', SPEECH_BASE), ('speech', 'large', LARGE),
@@ -367,3 +367,5 @@ def test_collapse_stats_pool_micro_batches_and_ranks_before_the_square_root():
         torch.testing.assert_close(masked_std(masked_moments(x, mask)), (x[mask].var(0) + 1e-6).sqrt().mean())
     averaged = sum(masked_std(m) for m in moments) / len(moments)
     assert abs(averaged - direct) > 0.1
+    empty = masked_moments(torch.randn(2, 7, 5), torch.zeros(2, 7, dtype=torch.bool))   # a part with nothing masked
+    torch.testing.assert_close(masked_std(pool_moments(moments + [empty])), direct)
