@@ -88,7 +88,7 @@ def test_flops_match_the_matmul_count(capsys, monkeypatch, attn_dropout, attn_ba
                                           (['--warmup', '-1'], '--warmup -1 must be ≥ 0'),
                                           (['--seconds', '0'], '--seconds 0.0 must be'),
                                           (['--peak', '0'], '--peak 0.0 must be > 0'),
-                                          (['--top-k', '99'], '--top-k 99 must be between 1 and --layers'),   # train.parse_args
+                                          (['--top-k', '99'], '--top-k 99 must be between 1 and --layers'),   # config.parse_train_args
                                           (['--no-such-flag'], 'unrecognized arguments: --no-such-flag')])
 def test_bad_flags_fail_in_one_line(capsys, flags, words):
     with pytest.raises(SystemExit) as e:
