@@ -77,15 +77,23 @@ class ConvLayer(nn.Module):
         return F.gelu(x)
 
 
+def scale_grad(x, k):
+    """Identity forward, gradient × k backward (fairseq GradMultiply): x̄ + k·(x − x̄), x̄ = x without gradient."""
+    return x if k == 1 else x.detach() + (x - x.detach()) * k
+
+
 class SpeechFeatureEncoder(nn.Module):
     """Waveform → frame features: normalise, 7 conv layers, LayerNorm(C), Linear(C → D).
 
     In data2vec this module is shared by student and teacher: the teacher reads its output
-    for the unmasked input (paper: 'share the parameters of the feature encoder').
+    for the unmasked input (paper: 'share the parameters of the feature encoder'); --ema-front-end gives the
+    teacher its own EMA copy instead.
+    grad_mult: the conv layers' gradient is scaled by it (wav2vec 2.0 feature_grad_mult: 0.1; data2vec: 1).
     """
 
-    def __init__(self, conv_dim=512, dim=768):
+    def __init__(self, conv_dim=512, dim=768, grad_mult=1.0):
         super().__init__()
+        self.grad_mult = grad_mult
         chans = [1] + [conv_dim] * len(CONV_LAYERS)
         self.conv_layers = nn.ModuleList(ConvLayer(chans[i], chans[i + 1], k, s) for i, (k, s) in enumerate(CONV_LAYERS))
         self.layer_norm = nn.LayerNorm(conv_dim)
@@ -97,6 +105,7 @@ class SpeechFeatureEncoder(nn.Module):
         x = rearrange(x, 'b s -> b 1 s')
         for layer in self.conv_layers:
             x = layer(x)                                           # (B, C, S') … (B, C, T)
+        x = scale_grad(x, self.grad_mult)
         x = self.projection(self.layer_norm(rearrange(x, 'b c t -> b t c')))  # (B, T, D)
         if padding_mask is None:
             return x, None
@@ -233,7 +242,8 @@ class FrontEnd(nn.Module):
                                                       teacher reads (else None)
         attention(x, padding_mask, window)            the blocks' SDPA mask or bias for tokens x: padding, positions, and the
                                                       teacher's context window (±W steps; 0 = everything)
-        averaged       True: the EMA teacher averages this front-end and reads the raw input through its own copy;
+        averaged       True: the EMA teacher averages this front-end and reads the raw input through its own copy
+                       (the teacher's input is then the keyword arguments of that copy's forward);
                        False: the teacher shares the student's front-end and reads the tokens it made of the
                        unmasked input. Everything else of the teacher is averaged (teacher.Teacher).
         prefix         tokens the front-end puts before the data (CLS), which get no target
@@ -251,23 +261,27 @@ class SpeechFrontEnd(FrontEnd):
 
     Shared with the teacher (paper: 'share the parameters of the feature encoder and the positional encoder'; fairseq
     `ema_transformer_only`, `ema_layers_only`): the teacher reads the positional encoder's output for the unmasked
-    features. Post-LN blocks after a LayerNorm (fairseq layer_norm_first False). Fine-tuning freezes the conv layers
+    features. With cfg.ema_front_end (fairseq `ema_transformer_only: false`) the teacher averages this front-end too
+    and reads the waveform through its own copy. Post-LN blocks after a LayerNorm (fairseq layer_norm_first False). Fine-tuning freezes the conv layers
     (wav2vec 2.0 feature_grad_mult 0).
     """
     finetune_frozen = ('feature_encoder.conv_layers',)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.feature_encoder = SpeechFeatureEncoder(cfg.conv_dim, cfg.dim)
+        self.averaged = cfg.ema_front_end                                      # fairseq ema_transformer_only False
+        self.feature_encoder = SpeechFeatureEncoder(cfg.conv_dim, cfg.dim, cfg.feature_grad_mult)
         self.mask_emb = nn.Parameter(torch.empty(cfg.dim).uniform_())          # fairseq: uniform_() in [0, 1)
         self.pos_encoder = ConvPositionalEncoder(cfg.dim, cfg.pos_conv_depth, cfg.pos_conv_kernel, cfg.pos_conv_groups)
 
     def forward(self, source, padding_mask=None, mask=None, teacher=False, channel_mask=None):
         """source (B, S), padding_mask (B, S), mask (B, T) → tokens (B, T, D), frame padding (B, T) or None, and the
-        teacher's input (B, T, D). channel_mask (B, D): fine-tuning's zeroed feature channels (wav2vec 2.0 mask_channel)."""
+        teacher's input: the unmasked tokens (B, T, D), or (averaged) the waveform for its own copy of this front-end.
+        channel_mask (B, D): fine-tuning's zeroed feature channels (wav2vec 2.0 mask_channel)."""
         x, padding = self.feature_encoder(source, padding_mask)               # (B, T, D)
         with torch.no_grad():                                                 # the teacher's view: unmasked, no gradient
-            teacher_input = self.pos_encoder(x, padding) if teacher else None
+            teacher_input = None if not teacher else dict(source=source, padding_mask=padding_mask) if self.averaged else \
+                self.pos_encoder(x, padding)
         if channel_mask is not None:
             x = x.masked_fill(channel_mask[:, None, :], 0.0)
         if mask is not None:
@@ -293,12 +307,13 @@ class ImageFrontEnd(FrontEnd):
         self.rel_pos_bias = RelativePositionBias((grid, grid), cfg.heads)
 
     def forward(self, source, padding_mask=None, mask=None, teacher=False):
-        """source (B, 3, H, W), mask (B, N) → tokens (B, 1 + N, D), None (images are never padded), the image itself."""
+        """source (B, 3, H, W), mask (B, N) → tokens (B, 1 + N, D), None (images are never padded), and the teacher's
+        input: the image itself, for its own copy of this front-end."""
         x = self.patch_embed(source)                                          # (B, N, D)
         if mask is not None:
             x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)  # BEiT: x·(1 − w) + mask_token·w
         x = torch.cat([self.cls_token.expand(len(x), -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + N, D)
-        return x, None, source if teacher else None
+        return x, None, dict(source=source) if teacher else None
 
     def attention(self, x, padding_mask=None, window=0):
         """The shared relative position bias (H, 1 + N, 1 + N), added to the logits of every block. With a teacher

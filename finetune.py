@@ -35,6 +35,7 @@ from data.speech import CTC_VOCAB
 from model import Data2Vec, trunc_normal_
 from teacher import Teacher
 
+RECIPE_OF = {'large': 'base', 'small': 'tiny'}                     # the fine-tuning recipe of a pretraining preset
 # what a resumed run may change (checkpoint.resume_changes)
 RESUMABLE = ('steps', 'out', 'test_data', 'device', 'workers', 'log_every', 'ckpt_every', 'max_bad_steps', 'strict_data')
 
@@ -46,6 +47,15 @@ def load_encoder(cfg):
     (--init scratch) with the preset's architecture."""
     if cfg.init == 'scratch' and cfg.use_teacher:
         raise DataError('--use-teacher needs a checkpoint, not --init scratch')
+    if cfg.init == 'scratch' and cfg.arch:                          # a train.py run's architecture, random weights
+        try:
+            saved = json.loads(Path(cfg.arch).read_text())
+            mcfg = ModelConfig(**saved['model'])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f'--arch {cfg.arch}: not a train.py config.json ({type(e).__name__}: {str(e)[:200]})') from None
+        if mcfg.modality != cfg.modality:
+            raise DataError(f'--arch {cfg.arch}: a {mcfg.modality} architecture; --modality is {cfg.modality}')
+        return mcfg, None, cfg.preset or RECIPE_OF.get(saved['train']['preset'], saved['train']['preset'])
     if cfg.init == 'scratch':
         preset = cfg.preset or 'tiny'
         arch = {k: v for k, v in PRESETS[cfg.modality][preset].items() if k in ModelConfig.__dataclass_fields__}
@@ -66,7 +76,7 @@ def load_encoder(cfg):
     if cfg.image_size and cfg.image_size != mcfg.image_size:
         raise DataError(f'--image-size {cfg.image_size}: --init {path} was pretrained on {mcfg.image_size}² images '
                         '(the relative position table fixes the grid); leave --image-size out')
-    return mcfg, ckpt, cfg.preset or {'large': 'base'}.get(saved['train']['preset'], saved['train']['preset'])
+    return mcfg, ckpt, cfg.preset or RECIPE_OF.get(saved['train']['preset'], saved['train']['preset'])
 
 
 def build_backbone(mcfg, ckpt, cfg):
@@ -153,26 +163,40 @@ HEADS = {('speech', 'ctc'): CTCHead, ('speech', 'classify'): PooledHead, ('visio
 
 class Finetuner(nn.Module):
     """The pretrained encoder and a task head (HEADS). `frozen`: the encoder runs without gradients (linear probe,
-    first updates). The head reads the last block's output (before BEiT's final norm: the head has its own)."""
+    first updates). The head reads the last block's output (before BEiT's final norm: the head has its own), or
+    (`layers`) a mix of every block's output, as SUPERB's probes do:
 
-    def __init__(self, backbone, n_out, task):
+        last:      h = x_L
+        mean:      h = (1/L) Σ_l x_l
+        weighted:  h = Σ_l softmax(w)_l · x_l,  w ∈ R^L learned with the head (starts at 0: the mean)
+    """
+
+    def __init__(self, backbone, n_out, task, layers='last'):
         super().__init__()
-        self.backbone, self.frozen = backbone, False
+        self.backbone, self.frozen, self.layers = backbone, False, layers
         self.head = HEADS[backbone.cfg.modality, task](backbone.cfg, n_out)
+        if layers == 'weighted':
+            self.layer_weights = nn.Parameter(torch.zeros(backbone.cfg.layers))
 
     def forward(self, source, padding_mask=None, **extra):
         """→ logits: ctc (B, T, V) and the frame padding (B, T) or None; classify (B, C) and None. extra: speech's
         SpecAugment masks (mask, channel_mask)."""
         with torch.no_grad() if self.frozen else nullcontext():              # the head always trains
-            x, padding_mask = self.backbone.encode(source, padding_mask, final_norm=False, **extra)   # (B, T, D)
+            x, padding_mask = self.backbone.encode(source, padding_mask, final_norm=False, blocks=self.layers != 'last',
+                                                   **extra)                   # (B, T, D), or every block's (L, B, T, D)
+        if self.layers == 'mean':
+            x = x.mean(0)                                                     # (B, T, D)
+        elif self.layers == 'weighted':
+            x = torch.einsum('l,lbtd->btd', self.layer_weights.softmax(0), x)  # (B, T, D)
         return self.head(x, padding_mask)
 
 
-def layer_decay_groups(model, weight_decay, decay, no_decay_1d=False):
+def layer_decay_groups(model, weight_decay, decay, no_decay_1d=False, head_scale=1.0):
     """BEiT param groups (get_num_layer_for_vit): with L blocks, block i (1-based) trains at lr × decay^(L + 1 − i), the
     front-end (feature encoder, patch embedding and tokens, embeddings) at decay^(L + 1), everything else (norms around
-    the blocks, the shared relative position bias, the head) at 1. no_decay_1d (BEiT): no weight decay on 1-D
-    parameters, the CLS token and the bias table; else everything decays (fairseq)."""
+    the blocks, the shared relative position bias) at 1, and the head (with its layer weights) at head_scale.
+    no_decay_1d (BEiT): no weight decay on 1-D parameters, the CLS token and the bias table; else everything decays
+    (fairseq)."""
     L = len(model.backbone.encoder.layers)
     groups = {}
     for name, p in model.named_parameters():
@@ -184,9 +208,10 @@ def layer_decay_groups(model, weight_decay, decay, no_decay_1d=False):
             layer = 0
         else:
             layer = L + 1
+        head = not name.startswith('backbone.')
         no_decay = no_decay_1d and (p.ndim == 1 or 'cls_token' in name or 'rel_pos_bias' in name)
-        group = groups.setdefault((layer, no_decay), dict(params=[], weight_decay=0.0 if no_decay else weight_decay,
-                                                          lr_scale=decay ** (L + 1 - layer)))
+        group = groups.setdefault((layer, no_decay, head), dict(params=[], weight_decay=0.0 if no_decay else weight_decay,
+                                                                lr_scale=head_scale if head else decay ** (L + 1 - layer)))
         group['params'].append(p)
     return list(groups.values())
 
@@ -287,11 +312,13 @@ def main(argv=None):
     changes = run.ckpt and resume_changes(run.ckpt['config']['finetune'], asdict(cfg), RESUMABLE, run.path)
     seed_all(cfg.seed)
     train_set, test_set, classes = load_data(cfg, mcfg)
-    model = Finetuner(build_backbone(mcfg, ckpt, cfg), len(CTC_VOCAB) if cfg.task == 'ctc' else len(classes), cfg.task).to(device)
+    model = Finetuner(build_backbone(mcfg, ckpt, cfg), len(CTC_VOCAB) if cfg.task == 'ctc' else len(classes), cfg.task,
+                      cfg.probe_layers).to(device)
     model.backbone.requires_grad_(not cfg.linear_probe)
     for name in model.backbone.front_end.finetune_frozen:                     # speech: the conv layers (wav2vec 2.0)
         model.backbone.front_end.get_submodule(name).requires_grad_(False)
-    optimizer = torch.optim.AdamW(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay, cfg.no_decay_1d), lr=cfg.lr,
+    optimizer = torch.optim.AdamW(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay, cfg.no_decay_1d,
+                                                     cfg.head_lr / cfg.lr), lr=cfg.lr,
                                   betas=(0.9, cfg.adam_beta2), eps=1e-8, **(dict(fused=True) if cuda else dict(foreach=True)))
 
     def restore(state):

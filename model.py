@@ -170,7 +170,7 @@ class Transformer(nn.Module):
                 y = torch.where(torch.rand((), device=x.device) < self.layerdrop, x, y)
             x = y
             if tap is not None:
-                taps.append(t)
+                taps.append(y if tap == 'block' else t)                        # 'block' is the output: a dropped block's is x
         return self.norm(x) if final_norm else x, taps
 
 
@@ -215,12 +215,14 @@ class Data2Vec(nn.Module):
             if self.front_end.pre_ln:
                 init_vit_params(self.regression_head)
 
-    def encode(self, source, padding_mask=None, mask=None, final_norm=True, **extra):
+    def encode(self, source, padding_mask=None, mask=None, final_norm=True, blocks=False, **extra):
         """The student's output (B, T, D) without the prefix, and the padding (B, T) or None; no teacher input.
-        final_norm=False: the last block's output before BEiT's final LayerNorm (fine-tuning pools it)."""
+        final_norm=False: the last block's output before BEiT's final LayerNorm (fine-tuning pools it).
+        blocks=True: every block's output instead, (L, B, T, D) (the 'block' tap: a probe mixes them)."""
         x, padding, _ = self.front_end(source, padding_mask, mask, **extra)
-        x, _ = self.encoder(x, self.front_end.attention(x, padding), final_norm=final_norm)
-        return x[:, self.front_end.prefix:], padding
+        x, taps = self.encoder(x, self.front_end.attention(x, padding), tap='block' if blocks else None, final_norm=final_norm)
+        x = torch.stack(taps) if blocks else x                                   # (L, B, T', D) or (B, T', D)
+        return x[..., self.front_end.prefix:, :], padding
 
     def forward(self, source, padding_mask=None, mask=None, **extra):
         """source (B, S | 3, H, W | T), padding_mask, mask (B, T) → pred (B, T, D), teacher_input, padding (B, T) or None.

@@ -27,7 +27,8 @@ class Teacher(nn.Module):
     """The EMA teacher: a frozen copy, made right after the student is initialised, of the parts the EMA averages.
 
     It always averages the student's Transformer. It averages the front-end too where the front-end says so
-    (`averaged`: vision, BEiT's EMA of the whole model) and then reads the raw input through its own copy. Otherwise
+    (`averaged`: vision, BEiT's EMA of the whole model; speech with --ema-front-end) and then reads the raw input
+    through its own copy. Otherwise
     the front-end is shared (speech: the feature and positional encoders, paper; text: the embeddings, fairseq): the
     teacher reads the tokens the student's front-end made of the unmasked input, and is handed that front-end when
     it runs (`front_end=`) for where positions enter the attention. Its state dict's keys are the student's.
@@ -46,11 +47,12 @@ class Teacher(nn.Module):
         return nn.ModuleDict(dict(parts, encoder=student.encoder))
 
     def forward(self, x, padding_mask=None, tap='ffn', window=0, front_end=None):
-        """x: the raw input (averaged front-end) or, for a shared one, the tokens (B, T, D) that the student's
+        """x: the raw input as keywords of the front-end's forward (averaged front-end: dict(source=…)) or, for a
+        shared one, the tokens (B, T, D) that the student's
         `front_end` made of the unmasked input → the chosen tap of every block, (B, T, D) each, without the prefix (CLS)."""
         if self.front_end is not None:
             front_end = self.front_end
-            x, padding_mask, _ = front_end(x, padding_mask)                   # (B, T', D)
+            x, padding_mask, _ = front_end(**x)                               # the raw input's keywords → (B, T', D)
         _, taps = self.encoder(x, front_end.attention(x, padding_mask, window), tap)
         return [t[:, front_end.prefix:] for t in taps]
 

@@ -85,3 +85,41 @@ def test_too_short_files_are_skipped_and_listed(tmp_path):
     assert len(ds) == 1 and ds.lengths == [8000] and [p.name for p in ds.skipped] == ['blip.wav']
     with pytest.raises(DataError, match='shorter than 9000'):
         AudioFolder(tmp_path, min_samples=9000)
+
+
+def test_fsdd_split_follows_the_official_index_rule_and_joins_only_training_clips(tmp_path):
+    """split_fsdd: index 0–4 → test, 5+ → train, as links by digit; unlabelled/ joins the training clips `join` at a
+    time in `passes` orders. Each clip holds one constant value (its number), so the joined files can be read back:
+    every training clip appears exactly `passes` times, whole, and no test clip appears at all."""
+    import soundfile as sf
+    from data.speech import split_fsdd
+    root = tmp_path / 'fsdd' / 'recordings'
+    root.mkdir(parents=True)
+    value, n = {}, 0
+    for digit in range(3):
+        for speaker in ('jackson', 'theo'):
+            for index in range(8):
+                n += 1
+                name = f'{digit}_{speaker}_{index}'
+                value[name] = n / 64                                  # exact in 16-bit PCM: a multiple of 2⁻¹⁵
+                sf.write(root / f'{name}.wav', np.full(100 + n, value[name], np.float32), 8000)
+    counts = split_fsdd(tmp_path / 'fsdd', tmp_path / 'out', join=4, passes=3)
+    train = sorted(p.stem for p in (tmp_path / 'out' / 'train').glob('*/*.wav'))
+    test = sorted(p.stem for p in (tmp_path / 'out' / 'test').glob('*/*.wav'))
+    assert test == sorted(k for k in value if int(k.split('_')[2]) < 5) and len(test) == 3 * 2 * 5
+    assert train == sorted(k for k in value if int(k.split('_')[2]) >= 5) and len(train) == 3 * 2 * 3
+    assert all(p.parent.name == p.stem.split('_')[0] and p.resolve().parent == root.resolve()
+               for p in (tmp_path / 'out').glob('t*/*/*.wav'))       # links into recordings/, under their digit
+    joined = sorted((tmp_path / 'out' / 'unlabelled').glob('*.wav'))
+    assert counts == dict(train=18, test=30, unlabelled=len(joined)) and len(joined) == 3 * 5   # ⌈18 / 4⌉ per pass
+    seen = {}
+    for f in joined:
+        wav, rate = sf.read(f, dtype='float32')
+        assert rate == 8000
+        runs = np.split(wav, np.flatnonzero(np.diff(wav)) + 1)           # constant stretches = the clips
+        assert 1 <= len(runs) <= 4
+        for r in runs:
+            name = next(k for k, v in value.items() if abs(v - r[0]) < 1e-6)
+            assert len(r) == 100 + round(value[name] * 64)           # the whole clip
+            seen[name] = seen.get(name, 0) + 1
+    assert seen == {k: 3 for k in train}

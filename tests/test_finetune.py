@@ -545,3 +545,92 @@ def test_a_flag_given_beats_the_recipe_even_at_its_default_value():
     assert fill_recipe(cfg, 'tiny') is None and cfg.no_decay_1d is True
     assert '--lr 0.0 must be > 0' in fill_recipe(finetune.parse_finetune_args(['--modality', 'vision', '--init', 'scratch',
                                                                               '--lr', '0']), 'tiny')
+
+
+# ---------------------------------------------------------------------------------------------- probe layers, heads
+def test_probe_layers_mix_every_block_output():
+    """--probe-layers: 'mean' reads (1/L) Σ_l x_l and 'weighted' Σ_l softmax(w)_l x_l of the blocks' outputs, recomputed
+    here block by block from the Transformer's modules; 'weighted' starts at the mean, and its weights train."""
+    torch.manual_seed(0)
+    mcfg = ModelConfig(modality='speech', dim=16, layers=3, heads=2, ffn_dim=32, conv_dim=8, pos_conv_depth=1, pos_conv_kernel=3,
+                       pos_conv_groups=2, layerdrop=0.0)
+    cfg = finetune.FinetuneConfig(modality='speech', drop_path=0.0, layerdrop=0.0)
+    backbone = finetune.build_backbone(mcfg, None, cfg).eval()
+    wav = torch.randn(2, 4000)
+    with torch.no_grad():                                                  # the blocks' outputs, by hand
+        x, _, _ = backbone.front_end(wav)
+        x = backbone.encoder.layer_norm(x)
+        outs = []
+        for block in backbone.encoder.layers:
+            x, _ = block(x)
+            outs.append(x)
+
+    class Capture(torch.nn.Module):                                        # a head that keeps what it reads
+        def forward(self, h, padding_mask):
+            self.h = h
+            return h.sum((1, 2)), None
+
+    def read(layers, weights=None):
+        model = finetune.Finetuner(backbone, 3, 'classify', layers).eval()
+        model.head = Capture()
+        if weights is not None:
+            with torch.no_grad():
+                model.layer_weights.copy_(torch.tensor(weights))
+        model(wav)
+        return model.head.h
+    torch.testing.assert_close(read('last'), outs[-1])
+    torch.testing.assert_close(read('mean'), sum(outs) / 3)
+    torch.testing.assert_close(read('weighted'), sum(outs) / 3)            # w = 0: softmax is uniform
+    w = np.exp([0.0, 1.0, 2.0]) / np.exp([0.0, 1.0, 2.0]).sum()
+    torch.testing.assert_close(read('weighted', [0.0, 1.0, 2.0]), sum(float(wi) * o for wi, o in zip(w, outs)))
+    vision = finetune.build_backbone(ModelConfig(modality='vision', dim=16, layers=2, heads=2, ffn_dim=32, image_size=16,
+                                                 patch_size=4), None, cfg).eval()
+    image = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():                                                  # every block's patches, without the CLS token
+        _, taps = vision.encoder(*(lambda x: (x, vision.front_end.attention(x)))(vision.front_end(image)[0]), tap='block')
+    mixed = finetune.Finetuner(vision, 3, 'classify', 'mean').eval()
+    mixed.head = Capture()
+    mixed(image)
+    torch.testing.assert_close(mixed.head.h, (taps[0][:, 1:] + taps[1][:, 1:]) / 2)
+    model = finetune.Finetuner(backbone, 3, 'classify', 'weighted')
+    model.frozen = True                                                    # a linear probe still trains the mix
+    logits, _ = model(wav)
+    logits[:, 0].sum().backward()
+    assert model.layer_weights.grad is not None and model.layer_weights.grad.abs().sum() > 0
+
+
+def test_head_lr_scales_the_head_group_only():
+    """--head-lr h with --lr l: the head (and the layer weights) train at h/l, every backbone group as layer decay says."""
+    mcfg = ModelConfig(modality='speech', dim=16, layers=2, heads=2, ffn_dim=32, conv_dim=8, pos_conv_depth=1, pos_conv_kernel=3,
+                       pos_conv_groups=2)
+    cfg = finetune.FinetuneConfig(modality='speech', drop_path=0.0, layerdrop=0.0)
+    model = finetune.Finetuner(finetune.build_backbone(mcfg, None, cfg), 3, 'classify', 'weighted')
+    groups = finetune.layer_decay_groups(model, 0.0, 0.5, head_scale=20.0)
+    scale = {id(p): g['lr_scale'] for g in groups for p in g['params']}
+    for name, p in model.named_parameters():
+        expected = 20.0 if not name.startswith('backbone.') else (0.5 ** (2 - int(name.split('.')[3])) if '.layers.' in name
+                                                                   else 0.5 ** 3 if name.startswith('backbone.front_end.') else 1.0)
+        assert scale[id(p)] == pytest.approx(expected), name
+
+
+def test_speech_recipe_head_lr_and_the_probe_lr():
+    """The tiny speech recipe trains the head at 1e-2 and the encoder at 3e-4 (LOG.md: the blank plateau); a linear probe's
+    head trains at the probe lr; --head-lr given wins."""
+    from config import fill_recipe
+    cfg = finetune.parse_finetune_args(['--modality', 'speech', '--init', 'scratch'])
+    assert fill_recipe(cfg, 'tiny') is None and (cfg.lr, cfg.head_lr) == (3e-4, 1e-2)
+    cfg = finetune.parse_finetune_args(['--modality', 'speech', '--init', 'scratch', '--linear-probe'])
+    assert fill_recipe(cfg, 'tiny') is None and cfg.head_lr == cfg.lr == 3e-3
+    cfg = finetune.parse_finetune_args(['--modality', 'speech', '--init', 'scratch', '--head-lr', '5e-3'])
+    assert fill_recipe(cfg, 'tiny') is None and cfg.head_lr == 5e-3
+
+
+def test_scratch_takes_the_architecture_of_a_run(tmp_path, fails):
+    """--init scratch --arch config.json: the run's architecture, random weights; a config of another modality fails."""
+    (tmp_path / 'config.json').write_text(json.dumps(dict(model=dict(modality='speech', dim=48, layers=3, heads=4, ffn_dim=96,
+                                                                     conv_dim=16), train=dict(preset='small'))))
+    cfg = finetune.parse_finetune_args(['--modality', 'speech', '--init', 'scratch', '--arch', str(tmp_path / 'config.json')])
+    mcfg, ckpt, recipe = finetune.load_encoder(cfg)
+    assert (mcfg.dim, mcfg.layers, mcfg.heads, mcfg.ffn_dim, mcfg.conv_dim, ckpt, recipe) == (48, 3, 4, 96, 16, None, 'tiny')
+    status, err = fails('--modality', 'vision', '--init', 'scratch', '--arch', str(tmp_path / 'config.json'), '--out', str(tmp_path))
+    assert_one_line_error(status, err, 'a speech architecture', '--modality is vision')

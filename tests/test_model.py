@@ -275,9 +275,9 @@ def test_vision_student_ignores_masked_pixels_and_the_teacher_sees_them():
     changed = image.clone()
     changed[:, :, 8:16, 8:16] = torch.rand(2, 3, 8, 8)                  # new pixels inside that patch only
     pred, teacher_input, padding = model(image, None, mask)
-    assert pred.shape == (2, 16, 32) and padding is None and torch.equal(teacher_input, image)
+    assert pred.shape == (2, 16, 32) and padding is None and torch.equal(teacher_input['source'], image)
     torch.testing.assert_close(model(changed, None, mask)[0], pred)     # the student sees the mask token there
-    taps, taps2 = Teacher(model)(image, tap='block'), Teacher(model)(changed, tap='block')
+    taps, taps2 = Teacher(model)(dict(source=image), tap='block'), Teacher(model)(dict(source=changed), tap='block')
     assert len(taps) == 3 and taps[0].shape == (2, 16, 32)              # one per block, CLS dropped
     assert not torch.allclose(taps[-1], taps2[-1])                      # the teacher's view is unmasked
 
@@ -412,3 +412,19 @@ def test_text_loss_counts_only_mask_positions():
     other[~mask] += 10.0                                               # randomised, kept and unchosen tokens: no loss there
     torch.testing.assert_close(regression_loss(other, y, mask, beta=4.0, scale=1.0), loss)
     assert ((source != tokens) & ~mask).any() and (source[mask] == 4).all()
+
+
+def test_feature_grad_mult_scales_the_conv_gradient_only():
+    """--feature-grad-mult k (wav2vec 2.0 GradMultiply): the same forward, the conv layers' gradient × k, every other
+    gradient unchanged. Two encoders with the same weights, k = 1 and k = 0.1, compared parameter by parameter."""
+    torch.manual_seed(0)
+    one, tenth = SpeechFeatureEncoder(8, 16, grad_mult=1.0), SpeechFeatureEncoder(8, 16, grad_mult=0.1)
+    tenth.load_state_dict(one.state_dict())
+    wav = torch.randn(2, 3200)
+    outs = [enc(wav)[0] for enc in (one, tenth)]
+    assert torch.equal(outs[0], outs[1])                               # identity forward, bit for bit
+    for out in outs:
+        out.square().sum().backward()
+    for (name, p1), (_, p2) in zip(one.named_parameters(), tenth.named_parameters()):
+        k = 0.1 if name.startswith('conv_layers.') else 1.0
+        torch.testing.assert_close(p2.grad, k * p1.grad, rtol=1e-4, atol=1e-6 * p1.grad.abs().max().item(), msg=name)

@@ -115,7 +115,7 @@ def test_vision_targets_are_layer_normed_top_k_block_outputs_averaged_then_layer
     torch.manual_seed(0)
     teacher = Teacher(Data2Vec(cfg))
     image = torch.rand(2, 3, 16, 16)
-    y = teacher_targets(teacher, image, None, tap='block', top_k=3, norm='layer', post='layer')
+    y = teacher_targets(teacher, dict(source=image), None, tap='block', top_k=3, norm='layer', post='layer')
 
     def ln(a):                                                         # written out: per token, over channels, ε = 1e-5
         return (a - a.mean(-1, keepdim=True)) / torch.sqrt(a.var(-1, unbiased=False, keepdim=True) + 1e-5)
@@ -209,9 +209,77 @@ def test_teacher_context_limits_each_target_to_l_times_w_steps(modality):
         changed = x.clone()
         changed[0, 20] += torch.randn(32)
         distance = (torch.arange(40) - 20).abs()
+    if modality == 'vision':                                   # the teacher's own patch embedding reads the image
+        x, changed = dict(source=x), dict(source=changed)
     taps, moved = teacher(x, tap='block', window=W, front_end=shared), teacher(changed, tap='block', window=W, front_end=shared)
     for l, (a, b) in enumerate(zip(taps, moved), start=1):
         differs = (a != b).any(-1)[0]                          # (T,) which outputs moved at all
         assert torch.equal(differs, distance <= l * W), (l, distance[differs].tolist())   # exactly the l·W square
     full, full_moved = teacher(x, tap='block', front_end=shared)[-1], teacher(changed, tap='block', front_end=shared)[-1]
     assert (full != full_moved).any(-1)[0][distance == distance.max()].all()      # W = 0: everything
+
+
+def test_speech_ema_front_end_averages_the_feature_encoder_and_reads_the_waveform():
+    """--ema-front-end (fairseq ema_transformer_only False): the teacher holds its own feature and positional encoders,
+    the EMA moves them, and the targets are those of that copy run on the unmasked waveform, recomputed here by hand:
+    normalise, convolve, project, add positions, LayerNorm, blocks. The default shares them (test above: no front_end.)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(modality='speech', dim=16, layers=2, heads=2, ffn_dim=32, conv_dim=8, pos_conv_depth=1, pos_conv_kernel=3,
+                      pos_conv_groups=2, layerdrop=0.0, ema_front_end=True)
+    student = Data2Vec(cfg)
+    teacher = Teacher(student)
+    assert any(k.startswith('front_end.feature_encoder.') for k in teacher.state_dict())
+    assert not any(k.startswith('front_end.') for k in Teacher(Data2Vec(ModelConfig(**{**cfg.__dict__, 'ema_front_end': False}))).state_dict())
+    with torch.no_grad():                                       # the student moves; the teacher follows by τ only
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    conv = 'front_end.feature_encoder.conv_layers.0.conv.weight'
+    before = teacher.state_dict()[conv].clone()
+    ema_update_(teacher, Teacher.averaged_part(student), 0.75)
+    torch.testing.assert_close(teacher.state_dict()[conv], 0.75 * before + 0.25 * student.state_dict()[conv])
+
+    wav = torch.randn(2, 3200)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[:, 2:6] = True
+    _, teacher_input, padding = student(wav, None, mask)
+    assert torch.equal(teacher_input['source'], wav)           # the raw waveform, unmasked
+    y = teacher_targets(teacher, teacher_input, padding, tap='ffn', top_k=2, norm='instance', front_end=student.front_end)
+    fe = teacher.front_end
+    with torch.no_grad():                                       # by hand, from the teacher's own modules
+        x = (wav - wav.mean(1, keepdim=True)) / (wav.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        h = x[:, None]
+        for layer in fe.feature_encoder.conv_layers:
+            h = F.gelu(F.layer_norm(layer.conv(h).transpose(1, 2), (8,), layer.layer_norm.weight, layer.layer_norm.bias).transpose(1, 2))
+        h = fe.feature_encoder.projection(fe.feature_encoder.layer_norm(h.transpose(1, 2)))           # (B, T, D)
+        p = fe.pos_encoder.convs[0](h.transpose(1, 2))[..., :h.shape[1]]
+        h = h + F.gelu(F.layer_norm(p.transpose(1, 2), (16,)))
+        h = teacher.encoder.layer_norm(h)
+        ffn = []
+        for block in teacher.encoder.layers:
+            h, f = block(h, None, 'ffn')
+            ffn.append(f)
+        inorm = [(f - f.mean(1, keepdim=True)) / (f.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt() for f in ffn]
+    torch.testing.assert_close(y, (inorm[0] + inorm[1]) / 2)
+
+
+def test_speech_ema_front_end_targets_of_a_padded_batch_are_each_clips_own():
+    """--ema-front-end with --pad: the teacher's copy reads the waveforms with their sample padding, so each clip's
+    targets at its valid frames are those of the clip alone (the frame padding as the student's)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(modality='speech', dim=16, layers=2, heads=2, ffn_dim=32, conv_dim=8, pos_conv_depth=1, pos_conv_kernel=3,
+                      pos_conv_groups=2, layerdrop=0.0, ema_front_end=True)
+    student = Data2Vec(cfg).eval()
+    teacher = Teacher(student)
+    long, short = torch.randn(1, 4000), torch.randn(1, 2400)
+    wav = torch.zeros(2, 4000)
+    wav[0], wav[1, :2400] = long[0], short[0]
+    padding = torch.zeros(2, 4000, dtype=torch.bool)
+    padding[1, 2400:] = True
+    _, teacher_input, frames = student(wav, padding, None)
+    y = teacher_targets(teacher, teacher_input, frames, tap='ffn', top_k=2, norm='instance', front_end=student.front_end)
+    for row, clip in ((0, long), (1, short)):
+        _, alone_input, alone_frames = student(clip, None, None)
+        alone = teacher_targets(teacher, alone_input, alone_frames, tap='ffn', top_k=2, norm='instance', front_end=student.front_end)
+        n = alone.shape[1]
+        assert int((~frames[row]).sum()) == n
+        torch.testing.assert_close(y[row, :n], alone[0], rtol=1e-4, atol=1e-4)

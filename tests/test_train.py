@@ -45,6 +45,19 @@ def test_one_step_from_the_command_line(tmp_path):
     assert set(ckpt['teacher']) == {k for k in ckpt['student'] if k.startswith('encoder.')}   # speech: the Transformer only
 
 
+def test_ema_front_end_from_the_command_line(tmp_path):
+    """--ema-front-end: the teacher's checkpoint holds the feature and positional encoders too, moved by the EMA:
+    after 2 updates at τ = 0.9 each of its conv weights is 0.9²·θ₀ + … ≠ θ₀, and not the student's."""
+    r = run('--modality', 'speech', '--steps', '2', '--log-every', '1', '--out', str(tmp_path), '--ema-front-end',
+            '--ema-start', '0.9', '--ema-end', '0.9', *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert 'teacher (EMA of the Transformer and the front-end)' in r.stdout
+    ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
+    assert set(ckpt['teacher']) == {k for k in ckpt['student'] if k.startswith(('encoder.', 'front_end.'))}
+    name = 'front_end.feature_encoder.conv_layers.0.conv.weight'
+    assert not torch.equal(ckpt['teacher'][name], ckpt['student'][name])
+
+
 @pytest.mark.parametrize('flag, value, words', [('--top-k', '13', '--top-k 13'), ('--mask-prob', '1.5', '--mask-prob 1.5'),
                                                  ('--target-layer', 'fc3', '--target-layer fc3'), ('--preset', 'huge', '--preset huge'),
                                                  ('--micro-batch-size', '0', '--micro-batch-size 0'), ('--heads', '0', '--heads 0'),
@@ -369,3 +382,18 @@ def test_collapse_stats_pool_micro_batches_and_ranks_before_the_square_root():
     assert abs(averaged - direct) > 0.1
     empty = masked_moments(torch.randn(2, 7, 5), torch.zeros(2, 7, dtype=torch.bool))   # a part with nothing masked
     torch.testing.assert_close(masked_std(pool_moments(moments + [empty])), direct)
+
+
+@pytest.mark.parametrize('modality, steps', [('speech', 1500), ('vision', 1200), ('text', 2500)])
+def test_small_presets_keep_the_tiny_model_and_train_longer(modality, steps):
+    """--preset small (README, 'Ablations at small scale'): the tiny architecture (vision: at MNIST's 28²), more updates,
+    and τ reaching τe only at the end (speech, text) or constant (vision, as tiny), so the teacher moves all run long."""
+    from config import parse_train_args
+    tiny_m, tiny = parse_train_args(['--modality', modality])
+    small_m, small = parse_train_args(['--modality', modality, '--preset', 'small'])
+    assert {**vars(small_m), 'image_size': 0} == {**vars(tiny_m), 'image_size': 0}
+    assert small.steps == steps and small.batch_size == tiny.batch_size and small.lr == tiny.lr
+    if modality == 'vision':
+        assert small_m.image_size == 28 and small.warmup == 0.25 and small.ema_start == small.ema_end == 0.995
+    else:
+        assert small.ema_anneal_steps == steps and (small.ema_start, small.ema_end) == (0.999, 0.9999)
