@@ -48,10 +48,14 @@ class ModelConfig:
     image_size: int = knob(224, 'vision: square input images, H = W')
     patch_size: int = knob(16, 'vision: P; N = (image_size / P)² patches')
     layer_scale: float = knob(1e-4, 'vision: LayerScale γ init (BEiT layer_scale_init_value)')
+    rel_pos_bias: str = knob('shared', 'vision: shared (one relative position bias for every block: data2vec pretraining) | '
+                                       'layer (one per block: BEiT fine-tuning, released ft1k models)')
     drop_path: float = knob(0.0, 'vision: stochastic depth of the last block, rising linearly from 0 (paper: 0.2)')
     vocab_size: int = knob(50_000, 'text: BPE vocabulary (set from the tokenizer)')
     max_tokens: int = knob(512, 'text: rows of the learned position table, minus RoBERTa\'s offset of 2')
     pad_id: int = knob(1, 'text: the tokenizer\'s <pad> (set from the tokenizer)')
+    layer_norm_eps: float = knob(0.0, 'ε of the LayerNorms in and around the blocks; 0 = the released code\'s: 1e-5 (speech, '
+                                      'text), 1e-6 (vision, BEiT). A released model\'s config.json sets its own (released.py)')
 
 
 @dataclass
@@ -63,7 +67,10 @@ class TrainConfig:
     data: str = knob('', 'speech: folder of .wav/.flac (LibriSpeech layout); vision: ImageFolder tree (<class>/<image>.png|jpg); '
                          'text: a .txt file or folder (a document per paragraph); empty: the embedded synthetic set')
     encoding: str = knob('utf-8', 'text: the encoding of --data files')
-    tokenizer: str = knob('', 'text: a GPT-2/RoBERTa vocab.json + merges.txt folder, or a tokenizer.json; empty: train a BPE')
+    tokenizer: str = knob('', 'text: a GPT-2/RoBERTa vocab.json + merges.txt folder, or a tokenizer.json; empty: train a BPE '
+                              '(with --init: the released model\'s)')
+    init: str = knob('', "a released model's folder (HF format, released.py): pretrain further from its encoder, with its "
+                         'architecture (model flags are ignored); the regression head is fresh, the teacher a copy')
     out: str = knob('', 'output folder (default runs/<modality>)')
     device: str = knob('auto', 'auto | cpu | cuda')
     compile: bool = knob(False, 'torch.compile the student and the teacher')
@@ -180,9 +187,9 @@ PRESETS = {
 # flags that only one or two modalities have: anywhere else they are an error, not silently ignored
 ONLY = {'speech': ('crop', 'pad', 'crop_step', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'layerdrop',
                    'feature_grad_mult', 'ema_front_end'),
-        'vision': ('image_size', 'patch_size', 'layer_scale', 'drop_path', 'min_crop_scale'),
+        'vision': ('image_size', 'patch_size', 'layer_scale', 'drop_path', 'min_crop_scale', 'rel_pos_bias'),
         'text': ('encoding', 'tokenizer', 'text_mask', 'block_size', 'vocab_size', 'max_tokens', 'pad_id', 'layerdrop')}
-SHOWN_WITHOUT_PRESET = ('modality', 'preset', 'data', 'out', 'device', 'compile', 'seed', 'resume', 'strict_data', 'pad')
+SHOWN_WITHOUT_PRESET = ('modality', 'preset', 'data', 'out', 'device', 'compile', 'seed', 'resume', 'strict_data', 'pad', 'init')
 
 
 def add_flags(parser, dataclasses, defaults=lambda f: None):
@@ -248,7 +255,8 @@ def modality_checks(mcfg, cfg):
             (cfg.mask_length <= min(count, (grid - 1) ** 2), f'--mask-length {cfg.mask_length}: a block cannot exceed the '
              f'{count} masked patches or the {(grid - 1) ** 2} a block may cover on a {grid} × {grid} grid'),
             (0 < cfg.min_crop_scale <= 1, f'--min-crop-scale {cfg.min_crop_scale} must be in (0, 1]'),
-            (0 <= mcfg.drop_path < 1, f'--drop-path {mcfg.drop_path} must be in [0, 1)')],
+            (0 <= mcfg.drop_path < 1, f'--drop-path {mcfg.drop_path} must be in [0, 1)'),
+            (mcfg.rel_pos_bias in ('shared', 'layer'), f'--rel-pos-bias {mcfg.rel_pos_bias}: choose shared or layer')],
         'text': [
             (3 <= cfg.block_size <= mcfg.max_tokens, f'--block-size {cfg.block_size} must be in [3, --max-tokens {mcfg.max_tokens}]'),
             (cfg.text_mask in ('bert', 'span'), f'--text-mask {cfg.text_mask}: choose bert or span'),
@@ -286,6 +294,7 @@ def check_config(mcfg, cfg, world=1):
         (cfg.device in ('auto', 'cpu', 'cuda'), f'--device {cfg.device}: choose auto, cpu or cuda'),
         (cfg.device != 'cuda' or torch.cuda.is_available(), '--device cuda: no CUDA device is available'),
         (mcfg.dim % mcfg.heads == 0, f'--dim {mcfg.dim} must be divisible by --heads {mcfg.heads}'),
+        (0 <= mcfg.layer_norm_eps < 1, f'--layer-norm-eps {mcfg.layer_norm_eps} must be in [0, 1)'),
         (mcfg.dim % mcfg.pos_conv_groups == 0, f'--dim {mcfg.dim} must be divisible by --pos-conv-groups {mcfg.pos_conv_groups}'),
         (all(0 <= p < 1 for p in (mcfg.dropout, mcfg.attn_dropout, mcfg.layerdrop)), 'dropouts must be in [0, 1)'),
         (cfg.workers >= 0, f'--workers {cfg.workers} must be ≥ 0'),
@@ -303,7 +312,8 @@ def check_config(mcfg, cfg, world=1):
 @dataclass
 class FinetuneConfig:
     modality: str = knob('speech', 'speech | vision | text')
-    init: str = knob('', 'a train.py checkpoint.pt, or scratch: the same architecture (--preset) with random weights')
+    init: str = knob('', "a train.py checkpoint.pt, a released model's folder (HF format: released.py), or scratch: the "
+                         'same architecture (--preset) with random weights')
     task: str = knob('', 'speech: ctc (letters; WER, CER) | classify (label = the folder name); vision, text: classify')
     data: str = knob('', 'labelled training data; empty: the embedded synthetic set. speech: folder of .wav/.flac with '
                          '*.trans.txt (ctc) or <label>/ folders; vision: <class>/<image>; text: TSV with a header or label-sentence lines')
@@ -323,7 +333,7 @@ class FinetuneConfig:
     out: str = knob('', 'output folder (default runs/finetune-<modality>)')
     device: str = knob('auto', 'auto | cpu | cuda')
     seed: int = knob(0, 'random seed: head init, data order, masks (and the weights, for --init scratch)')
-    steps: int = knob(0, 'updates')
+    steps: int = knob(0, "updates (default: the recipe's); --steps 0 scores a released fine-tuned model with its own head")
     batch_size: int = knob(0, 'examples per update')
     lr: float = knob(0.0, 'peak learning rate (default: the recipe\'s, higher for --linear-probe)')
     head_lr: float = knob(0.0, "the head's peak learning rate (default: the recipe's, else --lr)")
@@ -393,7 +403,9 @@ def parse_finetune_args(argv=None):
               (not cfg.arch or cfg.init == 'scratch', '--arch is for --init scratch (a checkpoint has its own architecture)'),
               (cfg.seed >= 0 and cfg.ckpt_every >= 1 and cfg.max_bad_steps >= 1, '--seed ≥ 0, --ckpt-every and --max-bad-steps ≥ 1'),
               (cfg.device in ('auto', 'cpu', 'cuda'), f'--device {cfg.device}: choose auto, cpu or cuda'),
-              (not cfg.test_data or cfg.data, '--test-data needs --data')]
+              (cfg.steps >= 0, f'--steps {cfg.steps} must be ≥ 0'),
+              (not cfg.test_data or cfg.data or (cfg.steps == 0 and 'steps' in cfg.given),
+               '--test-data needs --data (except with --steps 0: a released model scored as it is)')]
     for ok, msg in checks:
         if not ok:
             p.error(msg)
@@ -414,7 +426,8 @@ def fill_recipe(cfg, preset):
             setattr(cfg, name, value)
     if 'head_lr' not in given:                                    # a probe's head is all that trains: it takes --lr
         cfg.head_lr = head_lr if head_lr and not cfg.linear_probe else cfg.lr
-    for ok, msg in [(cfg.steps >= 1 and cfg.batch_size >= 1, '--steps and --batch-size must be ≥ 1'),
+    for ok, msg in [(cfg.steps >= 1 or 'steps' in given, '--steps must be ≥ 1 (0: evaluate a released fine-tuned model)'),
+                    (cfg.batch_size >= 1, '--batch-size must be ≥ 1'),
                     (cfg.lr > 0, f'--lr {cfg.lr} must be > 0'),
                     (cfg.head_lr > 0, f'--head-lr {cfg.head_lr} must be > 0'),
                     (cfg.schedule in ('tri_stage', 'cosine'), f'--schedule {cfg.schedule}: choose tri_stage or cosine'),

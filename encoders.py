@@ -91,12 +91,12 @@ class SpeechFeatureEncoder(nn.Module):
     grad_mult: the conv layers' gradient is scaled by it (wav2vec 2.0 feature_grad_mult: 0.1; data2vec: 1).
     """
 
-    def __init__(self, conv_dim=512, dim=768, grad_mult=1.0):
+    def __init__(self, conv_dim=512, dim=768, grad_mult=1.0, eps=1e-5):
         super().__init__()
         self.grad_mult = grad_mult
         chans = [1] + [conv_dim] * len(CONV_LAYERS)
         self.conv_layers = nn.ModuleList(ConvLayer(chans[i], chans[i + 1], k, s) for i, (k, s) in enumerate(CONV_LAYERS))
-        self.layer_norm = nn.LayerNorm(conv_dim)
+        self.layer_norm = nn.LayerNorm(conv_dim, eps=eps)
         self.projection = nn.Linear(conv_dim, dim)
 
     def forward(self, wav, padding_mask=None):
@@ -198,12 +198,12 @@ class TextEmbedding(nn.Module):
     GPT-2 with appended specials); the position layout stays RoBERTa's. tokens: (B, T) int64 → (B, T, D).
     """
 
-    def __init__(self, vocab_size, dim=768, max_tokens=512, pad=1):
+    def __init__(self, vocab_size, dim=768, max_tokens=512, pad=1, eps=1e-5):
         super().__init__()
         self.pad = pad
         self.tokens = nn.Embedding(vocab_size, dim, padding_idx=pad)
         self.positions = nn.Embedding(max_tokens + 2, dim, padding_idx=1)
-        self.layer_norm = nn.LayerNorm(dim)
+        self.layer_norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, tokens):
         real = tokens != self.pad                                  # (B, T)
@@ -247,10 +247,12 @@ class FrontEnd(nn.Module):
                        False: the teacher shares the student's front-end and reads the tokens it made of the
                        unmasked input. Everything else of the teacher is averaged (teacher.Teacher).
         prefix         tokens the front-end puts before the data (CLS), which get no target
-        pre_ln, input_norm, head_layers, finetune_frozen   the released model it belongs to (model.Data2Vec, finetune.py)
+        pre_ln, input_norm, head_layers, finetune_frozen, norm_eps, layer_bias   the released model it belongs to
+                       (model.Data2Vec, finetune.py); norm_eps: its LayerNorms' ε unless cfg.layer_norm_eps sets one;
+                       layer_bias: a relative position bias per block (its grid), or None
     """
     averaged, prefix = False, 0
-    pre_ln, input_norm, head_layers, finetune_frozen = False, True, 1, ()
+    pre_ln, input_norm, head_layers, finetune_frozen, norm_eps, layer_bias = False, True, 1, (), 1e-5, None
 
     def attention(self, x, padding_mask=None, window=0):
         return attention_mask(padding_mask, x.shape[1], window, x.device)
@@ -270,7 +272,7 @@ class SpeechFrontEnd(FrontEnd):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.averaged = cfg.ema_front_end                                      # fairseq ema_transformer_only False
-        self.feature_encoder = SpeechFeatureEncoder(cfg.conv_dim, cfg.dim, cfg.feature_grad_mult)
+        self.feature_encoder = SpeechFeatureEncoder(cfg.conv_dim, cfg.dim, cfg.feature_grad_mult, cfg.layer_norm_eps or self.norm_eps)
         self.mask_emb = nn.Parameter(torch.empty(cfg.dim).uniform_())          # fairseq: uniform_() in [0, 1)
         self.pos_encoder = ConvPositionalEncoder(cfg.dim, cfg.pos_conv_depth, cfg.pos_conv_kernel, cfg.pos_conv_groups)
 
@@ -296,15 +298,18 @@ class ImageFrontEnd(FrontEnd):
     Pre-LN blocks with LayerScale and a LayerNorm after the last (BEiT); BEiT initialises the patch embedding, the
     blocks and the tokens together (model.init_beit_).
     """
-    averaged, prefix, pre_ln, input_norm = True, 1, True, False
+    averaged, prefix, pre_ln, input_norm, norm_eps = True, 1, True, False, 1e-6
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        grid = cfg.image_size // cfg.patch_size
+        self.grid = (cfg.image_size // cfg.patch_size,) * 2
         self.patch_embed = PatchEmbed(cfg.dim, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.rel_pos_bias = RelativePositionBias((grid, grid), cfg.heads)
+        if cfg.rel_pos_bias == 'layer':                                       # BEiT fine-tuning: a table in every block
+            self.layer_bias = self.grid
+        else:
+            self.rel_pos_bias = RelativePositionBias(self.grid, cfg.heads)
 
     def forward(self, source, padding_mask=None, mask=None, teacher=False):
         """source (B, 3, H, W), mask (B, N) → tokens (B, 1 + N, D), None (images are never padded), and the teacher's
@@ -316,14 +321,15 @@ class ImageFrontEnd(FrontEnd):
         return x, None, dict(source=source) if teacher else None
 
     def attention(self, x, padding_mask=None, window=0):
-        """The shared relative position bias (H, 1 + N, 1 + N), added to the logits of every block. With a teacher
+        """The shared relative position bias (H, 1 + N, 1 + N), added to the logits of every block (with a bias per
+        block instead: nothing, or the window's −∞ (1 + N, 1 + N); the blocks add their own). With a teacher
         context W > 0 (Figure 3), patch i sees only the patches j within a (2W + 1) × (2W + 1) square around it,
         max(|y_i − y_j|, |x_i − x_j|) ≤ W on the grid, and not the CLS token; the CLS token sees everything. So a
         patch's output after L blocks depends on the patches within L·W of it only (DEVIATIONS.md 36)."""
-        bias = self.rel_pos_bias()                                            # (H, 1 + N, 1 + N)
+        h, w = self.grid
+        bias = self.rel_pos_bias() if self.layer_bias is None else x.new_zeros(1 + h * w, 1 + h * w, dtype=torch.float)
         if window == 0:
-            return bias
-        h, w = self.rel_pos_bias.grid
+            return bias if self.layer_bias is None else None
         yx = torch.stack(torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device),
                                         indexing='ij')).flatten(1)           # (2, N): row, column of each patch
         near = (yx[:, :, None] - yx[:, None, :]).abs().amax(0) <= window      # (N, N)
@@ -343,7 +349,7 @@ class TextFrontEnd(FrontEnd):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed = TextEmbedding(cfg.vocab_size, cfg.dim, cfg.max_tokens, cfg.pad_id)
+        self.embed = TextEmbedding(cfg.vocab_size, cfg.dim, cfg.max_tokens, cfg.pad_id, cfg.layer_norm_eps or self.norm_eps)
         self.embed.apply(init_bert_params)
 
     def forward(self, source, padding_mask=None, mask=None, teacher=False, original=None):

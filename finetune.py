@@ -33,6 +33,7 @@ from data import DataError, MicroBatches, batches
 from data.labelled import load_data
 from data.speech import CTC_VOCAB
 from model import Data2Vec, trunc_normal_
+from released import is_released, load_released
 from teacher import Teacher
 
 RECIPE_OF = {'large': 'base', 'small': 'tiny'}                     # the fine-tuning recipe of a pretraining preset
@@ -43,8 +44,18 @@ RESUMABLE = ('steps', 'out', 'test_data', 'device', 'workers', 'log_every', 'ckp
 
 
 def load_encoder(cfg):
-    """(ModelConfig, checkpoint dict or None, recipe preset). From a train.py checkpoint, or randomly initialised
-    (--init scratch) with the preset's architecture."""
+    """(ModelConfig, checkpoint dict or None, recipe preset). From a train.py checkpoint, a released model's folder
+    (released.py: the checkpoint dict then holds `released`, with its head), or randomly initialised (--init scratch)
+    with the preset's architecture."""
+    if is_released(cfg.init):
+        if cfg.use_teacher:
+            raise DataError(f'--use-teacher: {cfg.init} is a released model, which has no teacher')
+        rel = load_released(cfg.init)
+        if rel.mcfg.modality != cfg.modality:
+            raise DataError(f'--init {cfg.init}: a {rel.mcfg.modality} model; --modality is {cfg.modality}')
+        for note in rel.notes:
+            print(f'{cfg.init}: {note}')
+        return rel.mcfg, dict(student=rel.encoder, step='released', released=rel), cfg.preset or 'base'
     if cfg.init == 'scratch' and cfg.use_teacher:
         raise DataError('--use-teacher needs a checkpoint, not --init scratch')
     if cfg.init == 'scratch' and cfg.arch:                          # a train.py run's architecture, random weights
@@ -62,7 +73,7 @@ def load_encoder(cfg):
         return ModelConfig(**{**arch, 'modality': cfg.modality, **({'image_size': cfg.image_size} if cfg.image_size else {})}), None, preset
     path = Path(cfg.init)
     if not path.is_file():
-        raise DataError(f'--init {path}: no such file (a train.py checkpoint.pt, or scratch)')
+        raise DataError(f'--init {path}: no such file (a train.py checkpoint.pt, a released model\'s folder, or scratch)')
     try:
         ckpt = load(path)                                                 # weights_only: tensors and plain types, runs no code
         saved, mcfg, _ = ckpt['config'], ModelConfig(**ckpt['config']['model']), ckpt['student']
@@ -87,7 +98,7 @@ def build_backbone(mcfg, ckpt, cfg):
     model = Data2Vec(mcfg)
     if ckpt is not None:
         try:
-            model.load_state_dict(ckpt['student'])
+            model.load_state_dict(ckpt['student'], strict='released' not in ckpt)   # released: checked by released.py
             if cfg.use_teacher:
                 expected = list(Teacher.averaged_part(model).state_dict())
                 if sorted(ckpt['teacher']) != sorted(expected):
@@ -136,7 +147,7 @@ class BEiTHead(nn.Module):
 
     def __init__(self, cfg, n_out):
         super().__init__()
-        self.fc_norm, self.proj = nn.LayerNorm(cfg.dim, eps=1e-6), nn.Linear(cfg.dim, n_out)
+        self.fc_norm, self.proj = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps or 1e-6), nn.Linear(cfg.dim, n_out)
         trunc_normal_(self.proj.weight)
         self.proj.weight.data.mul_(0.001)
         nn.init.zeros_(self.proj.bias)
@@ -306,14 +317,22 @@ def main(argv=None):
     device, cuda, autocast = pick_device(cfg.device)
     run = RunState(cfg.out, cfg.resume, device=device)                      # --out checked now; an interrupted run's checkpoint
     mcfg, ckpt, preset = load_encoder(cfg)
+    released = ckpt.get('released') if ckpt else None
+    own_head = cfg.steps == 0 and 'steps' in cfg.given                      # evaluate a released fine-tuned model as it is
+    if own_head and not (released and released.task == cfg.task):
+        raise DataError(f'--steps 0 scores a released model with its own {cfg.task} head; --init {cfg.init} has none '
+                        f'({"a released " + (released.task or "encoder-only") + " model" if released else "not a released model"})')
+    cfg.data = cfg.data or (cfg.test_data if own_head else '')               # nothing trains: the test set is all we need
     problem = fill_recipe(cfg, preset)
     if problem:
         raise DataError(problem)
     changes = run.ckpt and resume_changes(run.ckpt['config']['finetune'], asdict(cfg), RESUMABLE, run.path)
     seed_all(cfg.seed)
-    train_set, test_set, classes = load_data(cfg, mcfg)
+    train_set, test_set, classes = load_data(cfg, mcfg, released.classes if own_head else None)
     model = Finetuner(build_backbone(mcfg, ckpt, cfg), len(CTC_VOCAB) if cfg.task == 'ctc' else len(classes), cfg.task,
                       cfg.probe_layers).to(device)
+    if own_head:
+        model.load_state_dict(released.head, strict=False)                  # 'head.…' only: the encoder is loaded
     model.backbone.requires_grad_(not cfg.linear_probe)
     for name in model.backbone.front_end.finetune_frozen:                     # speech: the conv layers (wav2vec 2.0)
         model.backbone.front_end.get_submodule(name).requires_grad_(False)
@@ -332,9 +351,10 @@ def main(argv=None):
                      pin=cuda, start=run.consumed, strict=cfg.strict_data, init_fn=ignore_stop_signals)
     unreadable = getattr(train_set.base, 'unreadable', None) or []          # left out at start-up
     test_skipped = getattr(test_set.base, 'unreadable', None) or [] if test_set.base is not train_set.base else []
-    init = 'scratch' if ckpt is None else f'{cfg.init} ({"teacher" if cfg.use_teacher else "student"}, step {ckpt["step"]})'
-    print(f'{cfg.modality} {cfg.task}{" (linear probe)" if cfg.linear_probe else ""} from {init}: {len(train_set)} labelled '
-          f'training and {len(test_set)} held-out examples{f", {len(classes)} classes" if classes else ""}; '
+    init = ('scratch' if ckpt is None else f'{cfg.init} (released{", its own head" if own_head else ""})' if released else
+            f'{cfg.init} ({"teacher" if cfg.use_teacher else "student"}, step {ckpt["step"]})')
+    print(f'{cfg.modality} {cfg.task}{" (linear probe)" if cfg.linear_probe else ""} from {init}: '
+          f'{0 if own_head else len(train_set)} labelled training and {len(test_set)} held-out examples{f", {len(classes)} classes" if classes else ""}; '
           f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f} M trainable parameters')
     for what, errors in (('training', unreadable), ('held-out', test_skipped)):
         if errors:
@@ -381,7 +401,7 @@ def main(argv=None):
                                          cfg, classes, device, autocast)
     name = 'wer' if cfg.task == 'ctc' else 'accuracy'
     result = dict(modality=cfg.modality, task=cfg.task, metric=name, value=metrics[name], metrics=metrics, init=init,
-                  linear_probe=cfg.linear_probe, steps=cfg.steps, labeled=len(train_set), test_examples=n_test,
+                  linear_probe=cfg.linear_probe, steps=cfg.steps, labeled=0 if own_head else len(train_set), test_examples=n_test,
                   test_unreadable=len(test_set) - n_test + len(test_skipped), skipped_updates=run.skipped,
                   bad_samples=run.bad_samples, seed=cfg.seed, config=asdict(cfg), seconds=time.time() - t0)
     (run.out / 'metrics.json').write_text(json.dumps(result, indent=2))
@@ -389,7 +409,8 @@ def main(argv=None):
     for ref, hyp in examples:
         print(f'  ref: {ref}\n  hyp: {hyp}')
     print(f'{cfg.modality} {cfg.task} | {name} {metrics[name]:.4f} | ' + ' '.join(f'{k} {v:.4f}' for k, v in metrics.items() if k != name)
-          + f' | init {"scratch" if ckpt is None else "pretrained"}{" (probe)" if cfg.linear_probe else ""} | {len(train_set)} '
+          + f' | init {"scratch" if ckpt is None else "released" if released else "pretrained"}{" (probe)" if cfg.linear_probe else ""} | '
+          f'{0 if own_head else len(train_set)} '
           f'labelled | {cfg.steps} steps | seed {cfg.seed} | {time.time() - t0:.0f} s → {run.out}/metrics.json')
 
 

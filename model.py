@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from config import TAPS, ModelConfig  # noqa: F401  (TAPS, ModelConfig: re-exported for readers of this file)
-from encoders import FRONT_ENDS, attention_mask, init_bert_params  # noqa: F401
+from encoders import FRONT_ENDS, RelativePositionBias, attention_mask, init_bert_params  # noqa: F401
 
 
 class SelfAttention(nn.Module):
@@ -61,12 +61,12 @@ class Block(nn.Module):
         x' = LN₂(s)                                tap 'block'         (end of block)
     """
 
-    def __init__(self, dim, heads, ffn_dim, dropout=0.1, attn_dropout=0.1):
+    def __init__(self, dim, heads, ffn_dim, dropout=0.1, attn_dropout=0.1, eps=1e-5):
         super().__init__()
         self.self_attn = SelfAttention(dim, heads, attn_dropout)
-        self.self_attn_layer_norm = nn.LayerNorm(dim)
+        self.self_attn_layer_norm = nn.LayerNorm(dim, eps=eps)
         self.fc1, self.fc2 = nn.Linear(dim, ffn_dim), nn.Linear(ffn_dim, dim)
-        self.final_layer_norm = nn.LayerNorm(dim)
+        self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, attn_mask=None, tap=None):
@@ -95,21 +95,27 @@ class PreLNBlock(nn.Module):
         f  = γ₂ ⊙ fc₂(GELU(fc₁(LN₂(h))))           tap 'ffn'           (FFN output before the last residual)
         x' = h + DropPath(f)                       taps 'ffn_residual' = 'block' (end of block: data2vec vision's target)
 
-    γ₁, γ₂ ∈ R^D start at `layer_scale` (1e-4), so every block starts close to the identity.
+    γ₁, γ₂ ∈ R^D start at `layer_scale` (1e-4), so every block starts close to the identity. With `grid`, the block has
+    its own relative position bias (BEiT fine-tuning), added to attn_bias (which then holds only a context window).
     """
 
-    def __init__(self, dim, heads, ffn_dim, attn_dropout=0.0, drop_path=0.0, layer_scale=1e-4, dropout=0.0):
+    def __init__(self, dim, heads, ffn_dim, attn_dropout=0.0, drop_path=0.0, layer_scale=1e-4, dropout=0.0, eps=1e-6,
+                 grid=None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.self_attn = SelfAttention(dim, heads, attn_dropout, k_bias=False)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.fc1, self.fc2 = nn.Linear(dim, ffn_dim), nn.Linear(ffn_dim, dim)
         self.gamma_1 = nn.Parameter(torch.full((dim,), layer_scale))
         self.gamma_2 = nn.Parameter(torch.full((dim,), layer_scale))
         self.dropout, self.drop_path = nn.Dropout(dropout), drop_path
+        if grid is not None:
+            self.rel_pos_bias = RelativePositionBias(grid, heads)
 
     def forward(self, x, attn_bias=None, tap=None):
         """x: (B, T, D), attn_bias: (H, T, T) → (x', the chosen tap (B, T, D) or None)."""
+        if hasattr(self, 'rel_pos_bias'):
+            attn_bias = self.rel_pos_bias() if attn_bias is None else self.rel_pos_bias() + attn_bias   # (H, T, T)
         a = self.gamma_1 * self.dropout(self.self_attn(self.norm1(x), attn_bias))
         h = x + drop_path(a, self.drop_path, self.training)
         f = self.gamma_2 * self.dropout(self.fc2(F.gelu(self.fc1(self.norm2(h)))))  # (B, T, ffn_dim) → (B, T, D)
@@ -140,19 +146,19 @@ class Transformer(nn.Module):
     attn_mask: the front-end's (encoders.FrontEnd.attention): bool (True = may attend) or a float bias on the logits.
     """
 
-    def __init__(self, cfg: ModelConfig, pre_ln=False, input_norm=True):
+    def __init__(self, cfg: ModelConfig, pre_ln=False, input_norm=True, eps=1e-5, layer_bias=None):
         super().__init__()
         self.pre_ln = pre_ln
         if pre_ln:
             rates = [cfg.drop_path * i / max(cfg.layers - 1, 1) for i in range(cfg.layers)]  # linear 0 → drop_path
             self.layers = nn.ModuleList(PreLNBlock(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.attn_dropout, rate, cfg.layer_scale,
-                                                   cfg.dropout) for rate in rates)
-            self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)                      # BEiT's final norm
+                                                   cfg.dropout, eps, layer_bias) for rate in rates)
+            self.norm = nn.LayerNorm(cfg.dim, eps=eps)                       # BEiT's final norm
             self.layerdrop = 0.0                                               # BEiT drops paths inside the blocks instead
         else:
-            self.layer_norm = nn.LayerNorm(cfg.dim) if input_norm else nn.Identity()   # text: the embedding's LN instead
+            self.layer_norm = nn.LayerNorm(cfg.dim, eps=eps) if input_norm else nn.Identity()   # text: the embedding's LN
             self.dropout = nn.Dropout(cfg.dropout)
-            self.layers = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.dropout, cfg.attn_dropout)
+            self.layers = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.dropout, cfg.attn_dropout, eps)
                                         for _ in range(cfg.layers))
             self.norm = nn.Identity()
             self.layerdrop = cfg.layerdrop
@@ -204,7 +210,8 @@ class Data2Vec(nn.Module):
             raise ValueError(f"unknown modality {cfg.modality!r} ({', '.join(FRONT_ENDS)})")
         self.cfg = cfg
         self.front_end = FRONT_ENDS[cfg.modality](cfg)
-        self.encoder = Transformer(cfg, self.front_end.pre_ln, self.front_end.input_norm)
+        self.encoder = Transformer(cfg, self.front_end.pre_ln, self.front_end.input_norm,
+                                   cfg.layer_norm_eps or self.front_end.norm_eps, self.front_end.layer_bias)
         if self.front_end.pre_ln:
             init_beit_(self.front_end, self.encoder)
         if self.front_end.head_layers == 2:

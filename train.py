@@ -2,6 +2,7 @@
 
     python train.py --modality speech                     # or vision, text: tiny preset, CPU, embedded data, ≤ 5 min
     torchrun --nproc_per_node 8 train.py --modality speech --preset base --data /path/to/LibriSpeech --compile
+    python train.py --modality speech --preset base --init models/data2vec-audio-base --data DIR   # from released weights
 
 Sections: the data2vec step → building and curves → main (flags → build → loop). Flags, presets and checks are in
 config.py; each modality's data and batches in data/<modality>.py; the loop's bookkeeping in checkpoint.RunState.
@@ -21,9 +22,10 @@ from tqdm import tqdm
 
 import data
 from checkpoint import CheckpointError, RunState, StopSignal, ignore_stop_signals, resume_changes, seed_all, update_is_finite
-from config import lr_at, parse_train_args, pick_device, to_device
+from config import ModelConfig, check_config, lr_at, parse_train_args, pick_device, to_device
 from data import DataError, batches
 from model import Data2Vec, regression_loss
+from released import load_released
 from teacher import Teacher, ema_decay_at, ema_update_, teacher_targets
 
 # what a resumed run may change: where and how long it runs, not what it trains (checkpoint.resume_changes)
@@ -136,12 +138,16 @@ def unwrap(model):
     return getattr(model, '_orig_mod', model)
 
 
-def build(mcfg, cfg, device, cuda):
-    """The student (seeded by --seed: the same initial weights on every rank), its EMA teacher, AdamW (Adam with
-    decoupled weight decay; fused on CUDA, foreach on the CPU) and the loss function, compiled with --compile.
-    train.main and bench.py both build with this."""
+def build(mcfg, cfg, device, cuda, weights=None):
+    """The student (seeded by --seed: the same initial weights on every rank; `weights`: a released encoder's, the
+    regression head staying fresh), its EMA teacher (a copy of the student), AdamW (Adam with decoupled weight decay;
+    fused on CUDA, foreach on the CPU) and the loss function, compiled with --compile. train.main and bench.py both
+    build with this."""
     torch.manual_seed(cfg.seed)
-    model = Data2Vec(mcfg).to(device)
+    model = Data2Vec(mcfg)
+    if weights is not None:
+        model.load_state_dict(weights, strict=False)                  # checked by released.py: all but the head
+    model = model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay, **(dict(fused=True) if cuda else dict(foreach=True)))
     if cfg.compile:                                                    # student, teacher, targets, loss: one graph
@@ -184,6 +190,20 @@ def main(argv=None):
     device, cuda, autocast = pick_device(cfg.device, int(os.environ.get('LOCAL_RANK', 0)))
     accum = cfg.batch_size // (cfg.micro_batch_size * world)           # the global batch does not depend on the GPU count
     run = RunState(cfg.out, cfg.resume, rank, world, device)           # --out checked now; checkpoint.pt opened (--resume)
+    released = None
+    if cfg.init:                                                       # a released encoder: its architecture, our training
+        released = load_released(cfg.init)
+        keep = ('dropout', 'attn_dropout', 'layerdrop', 'drop_path', 'ema_front_end', 'feature_grad_mult')
+        if released.mcfg.modality != mcfg.modality:
+            raise DataError(f'--init {cfg.init}: a {released.mcfg.modality} model; --modality is {mcfg.modality}')
+        mcfg = ModelConfig(**{**asdict(released.mcfg), **{k: getattr(mcfg, k) for k in keep}})
+        cfg.tokenizer = cfg.tokenizer or (cfg.init if mcfg.modality == 'text' else '')
+        try:
+            check_config(mcfg, cfg, world)
+        except ValueError as e:
+            raise DataError(f'--init {cfg.init}: {e}') from None
+        if run.master:
+            print(f'{cfg.init}: {mcfg.layers} blocks × {mcfg.dim}; ' + '; '.join(released.notes or ['every tensor loaded']))
     dataset, collate = data.modality(mcfg.modality).pretraining_data(mcfg, cfg, run.out if run.ckpt else None)
     unreadable = getattr(dataset, 'unreadable', None) or []            # files left out at start-up
     changes = run.ckpt and resume_changes({**run.ckpt['config']['model'], **run.ckpt['config']['train']},
@@ -196,7 +216,9 @@ def main(argv=None):
                                                      f'(--strict-data stops instead), e.g. {unreadable[0]}']):
             print(note)
 
-    model, teacher, optimizer, loss_fn = build(mcfg, cfg, device, cuda)
+    if released and mcfg.vocab_size != released.mcfg.vocab_size:
+        raise DataError(f'--tokenizer {cfg.tokenizer}: {mcfg.vocab_size} tokens; --init {cfg.init} has {released.mcfg.vocab_size}')
+    model, teacher, optimizer, loss_fn = build(mcfg, cfg, device, cuda, released and released.encoder)
     seed_all(cfg.seed + rank)                                          # different dropout on every rank
 
     def load(ckpt):

@@ -23,8 +23,9 @@ class Examples(torch.utils.data.Dataset):
         return item if self.targets is None else (item[0], self.targets[k])
 
 
-def load_data(cfg, mcfg):
-    """(train Examples, test Examples, class names or None for CTC). Never evaluates on a training example."""
+def load_data(cfg, mcfg, classes=None):
+    """(train Examples, test Examples, class names or None for CTC). Never evaluates on a training example.
+    classes: a released classifier's own (its head's order); else the sorted labels of the training data."""
     data = modality(cfg.modality)
     if not cfg.data:
         train, test = data.embedded('train', mcfg), data.embedded('valid', mcfg)
@@ -50,13 +51,14 @@ def load_data(cfg, mcfg):
             test, test_i, train_i = train, sorted(order[:n_test]), sorted(order[n_test:])
             test_t, train_t = [train_t[i] for i in test_i], [train_t[i] for i in train_i]
     if cfg.task == 'classify':
-        classes = sorted(set(train_t))
+        given, classes = classes, classes or sorted(set(train_t))
         if len(classes) < 2:
             raise DataError(f'--data {cfg.data or "(embedded)"}: {len(classes)} class{"es" if not classes else ""} '
                             f'({", ".join(classes)}); classification needs at least 2')
         unseen = sorted(set(test_t) - set(classes))
         if unseen:
-            raise DataError(f'--test-data {cfg.test_data}: labels not in the training data: {", ".join(unseen[:10])}')
+            raise DataError(f'--test-data {cfg.test_data}: labels not in {"the model" if given else "the training data"}: '
+                            f'{", ".join(unseen[:10])}')
         train_t, test_t = [classes.index(t) for t in train_t], [classes.index(t) for t in test_t]
     else:
         classes = None

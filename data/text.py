@@ -472,10 +472,12 @@ def as_tuple(texts):
 
 
 def prepare_labelled(train, test, train_indices, cfg, mcfg):
-    """Sentences → token ids, once, up front: with --tokenizer, else the checkpoint's tokenizer.json, else (--init
-    scratch) a BPE trained on the training texts. Sets mcfg.vocab_size and pad_id. → (train, test) as [(ids, label)]."""
+    """Sentences → token ids, once, up front: with --tokenizer, else the checkpoint's tokenizer.json (a released model:
+    its folder's vocab.json + merges.txt), else (--init scratch) a BPE trained on the training texts. Sets
+    mcfg.vocab_size and pad_id. → (train, test) as [(ids, label)]."""
     if cfg.tokenizer or cfg.init != 'scratch':
-        tokenizer = read_tokenizer(cfg.tokenizer or Path(cfg.init).parent / 'tokenizer.json')
+        beside = Path(cfg.init) if Path(cfg.init).is_dir() else Path(cfg.init).parent / 'tokenizer.json'   # a released folder
+        tokenizer = read_tokenizer(cfg.tokenizer or beside)                # holds vocab.json + merges.txt
     else:
         tokenizer = train_tokenizer([t for i in train_indices for t in as_tuple(train[i][0])], mcfg.vocab_size)
     if mcfg.vocab_size != tokenizer.get_vocab_size() and cfg.init != 'scratch':
