@@ -112,9 +112,11 @@ def check_writable(out):
         raise CheckpointError(f'--out {out}: cannot write there ({e.strerror or e}); choose another --out') from None
 
 
-def resume_changes(saved, current, allowed, path):
+def resume_changes(saved, current, allowed, path, defaults=None):
     """Compare a checkpoint's flat config with this run's. A difference in a key outside `allowed` is an error listing
-    every such key; the allowed ones come back as 'key old → new' notes to print."""
+    every such key; the allowed ones come back as 'key old → new' notes to print. A key the checkpoint lacks (a knob
+    added since) reads as its default in `defaults`: the run was made with what that default does."""
+    saved = {**(defaults or {}), **saved}
     missing = [k for k in current if k not in saved and k != 'resume']
     if missing:
         raise CheckpointError(f'--resume: {path} was written by an older version, without {", ".join(missing)}: continue it '

@@ -42,6 +42,8 @@ class ModelConfig:
     pos_conv_depth: int = knob(5, 'speech: conv layers of the positional encoder')
     pos_conv_kernel: int = knob(19, 'speech: their kernel (fairseq: conv_pos 95 // depth 5)')
     pos_conv_groups: int = knob(16, 'speech: their groups')
+    pos_conv_zero: str = knob('every', 'speech: padded frames are zeroed before every positional conv layer (DEVIATIONS.md 3) | '
+                                       "first: before the first only (fairseq, HF: how the released models were trained)")
     ema_front_end: bool = knob(False, 'speech: the teacher averages the feature and positional encoders too and reads the '
                                       'waveform (fairseq ema_transformer_only False); default: shared with the student (paper)')
     feature_grad_mult: float = knob(1.0, "speech: scales the conv feature encoder's gradient (wav2vec 2.0: 0.1; data2vec: 1)")
@@ -185,7 +187,7 @@ PRESETS = {
 }
 
 # flags that only one or two modalities have: anywhere else they are an error, not silently ignored
-ONLY = {'speech': ('crop', 'pad', 'crop_step', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'layerdrop',
+ONLY = {'speech': ('crop', 'pad', 'crop_step', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'pos_conv_zero', 'layerdrop',
                    'feature_grad_mult', 'ema_front_end'),
         'vision': ('image_size', 'patch_size', 'layer_scale', 'drop_path', 'min_crop_scale', 'rel_pos_bias'),
         'text': ('encoding', 'tokenizer', 'text_mask', 'block_size', 'vocab_size', 'max_tokens', 'pad_id', 'layerdrop')}
@@ -247,7 +249,8 @@ def modality_checks(mcfg, cfg):
     """(ok, message) for the flags only one modality has (ONLY); the others' values are never used there."""
     grid, count = patch_mask_size(mcfg, cfg)
     return {
-        'speech': [(cfg.crop >= 16_000, f'--crop {cfg.crop} must be ≥ 16000 samples (1 s)')],
+        'speech': [(cfg.crop >= 16_000, f'--crop {cfg.crop} must be ≥ 16000 samples (1 s)'),
+                   (mcfg.pos_conv_zero in ('every', 'first'), f'--pos-conv-zero {mcfg.pos_conv_zero}: choose every or first')],
         'vision': [
             (mcfg.image_size % mcfg.patch_size == 0, f'--image-size {mcfg.image_size} must be divisible by --patch-size {mcfg.patch_size}'),
             (grid >= 2, f'--image-size {mcfg.image_size} / --patch-size {mcfg.patch_size} must give a grid of at least 2 × 2 patches'),

@@ -120,13 +120,14 @@ class ConvPositionalEncoder(nn.Module):
         x ← x + g(x),   g = depth × [Conv1d(D, D, k, groups, padding k//2) → LayerNorm (no affine) → GELU]
 
     with k = 95 // 5 = 19 and 16 groups for the paper's models. Padded frames are zeroed before every
-    layer, so valid frames do not depend on padding (fairseq/HF zero them before the first layer only).
-    Shared by student and teacher: the teacher reads it for the unmasked features.
+    layer, so valid frames do not depend on padding (fairseq/HF zero them before the first layer only; zero='first'
+    does that, for the released models). Shared by student and teacher: the teacher reads it for the unmasked features.
     """
 
-    def __init__(self, dim=768, depth=5, kernel=19, groups=16):
+    def __init__(self, dim=768, depth=5, kernel=19, groups=16, zero='every'):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups) for _ in range(depth))
+        self.zero_every = zero == 'every'
 
     def forward(self, x, padding_mask=None):                       # (B, T, D)
         keep = 1.0 if padding_mask is None else rearrange(~padding_mask, 'b t -> b 1 t').to(x.dtype)
@@ -135,7 +136,7 @@ class ConvPositionalEncoder(nn.Module):
         for conv in self.convs:
             h = conv(h)[..., :T]                                   # (B, D, T); even kernels drop the extra frame (fairseq SamePad)
             h = F.gelu(F.layer_norm(rearrange(h, 'b d t -> b t d'), h.shape[1:2]))
-            h = rearrange(h, 'b t d -> b d t') * keep              # zero padding after every layer, not only before the first
+            h = rearrange(h, 'b t d -> b d t') * (keep if self.zero_every else 1.0)   # zero padding after every layer too
         return x + rearrange(h, 'b d t -> b t d')
 
 
@@ -274,7 +275,8 @@ class SpeechFrontEnd(FrontEnd):
         self.averaged = cfg.ema_front_end                                      # fairseq ema_transformer_only False
         self.feature_encoder = SpeechFeatureEncoder(cfg.conv_dim, cfg.dim, cfg.feature_grad_mult, cfg.layer_norm_eps or self.norm_eps)
         self.mask_emb = nn.Parameter(torch.empty(cfg.dim).uniform_())          # fairseq: uniform_() in [0, 1)
-        self.pos_encoder = ConvPositionalEncoder(cfg.dim, cfg.pos_conv_depth, cfg.pos_conv_kernel, cfg.pos_conv_groups)
+        self.pos_encoder = ConvPositionalEncoder(cfg.dim, cfg.pos_conv_depth, cfg.pos_conv_kernel, cfg.pos_conv_groups,
+                                                 cfg.pos_conv_zero)
 
     def forward(self, source, padding_mask=None, mask=None, teacher=False, channel_mask=None):
         """source (B, S), padding_mask (B, S), mask (B, T) → tokens (B, T, D), frame padding (B, T) or None, and the

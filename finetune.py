@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from functools import partial
 from pathlib import Path
 
@@ -322,17 +322,21 @@ def main(argv=None):
     if own_head and not (released and released.task == cfg.task):
         raise DataError(f'--steps 0 scores a released model with its own {cfg.task} head; --init {cfg.init} has none '
                         f'({"a released " + (released.task or "encoder-only") + " model" if released else "not a released model"})')
-    cfg.data = cfg.data or (cfg.test_data if own_head else '')               # nothing trains: the test set is all we need
+    if own_head and (cfg.linear_probe or cfg.probe_layers != 'last'):
+        raise DataError('--steps 0: the released head reads the last block; leave out --linear-probe and --probe-layers')
+    if own_head:                                                              # nothing trains: all of one set is scored
+        cfg.data = cfg.test_data = cfg.test_data or cfg.data
     problem = fill_recipe(cfg, preset)
     if problem:
         raise DataError(problem)
-    changes = run.ckpt and resume_changes(run.ckpt['config']['finetune'], asdict(cfg), RESUMABLE, run.path)
+    changes = run.ckpt and resume_changes(run.ckpt['config']['finetune'], asdict(cfg), RESUMABLE, run.path,
+                                          {f.name: f.default for f in fields(FinetuneConfig)})
     seed_all(cfg.seed)
     train_set, test_set, classes = load_data(cfg, mcfg, released.classes if own_head else None)
     model = Finetuner(build_backbone(mcfg, ckpt, cfg), len(CTC_VOCAB) if cfg.task == 'ctc' else len(classes), cfg.task,
                       cfg.probe_layers).to(device)
     if own_head:
-        model.load_state_dict(released.head, strict=False)                  # 'head.…' only: the encoder is loaded
+        model.head.load_state_dict({k.removeprefix('head.'): v for k, v in released.head.items()})   # strict: all of it
     model.backbone.requires_grad_(not cfg.linear_probe)
     for name in model.backbone.front_end.finetune_frozen:                     # speech: the conv layers (wav2vec 2.0)
         model.backbone.front_end.get_submodule(name).requires_grad_(False)

@@ -122,7 +122,8 @@ def speech_sizes(path, cfg):
         _need(cfg, path, key, ok, why)
     return dict(conv_dim=cfg.get('conv_dim', [512])[0], pos_conv_depth=cfg.get('num_conv_pos_embeddings', 5),
                 pos_conv_kernel=cfg.get('conv_pos_kernel_size', 19), pos_conv_groups=cfg.get('num_conv_pos_embedding_groups', 16),
-                layer_norm_eps=cfg.get('layer_norm_eps', 1e-5))
+                pos_conv_zero='first', layer_norm_eps=cfg.get('layer_norm_eps', 1e-5), layerdrop=cfg.get('layerdrop', 0.1),
+                dropout=cfg.get('hidden_dropout', 0.1), attn_dropout=cfg.get('attention_dropout', 0.1))
 
 
 def square(v):
@@ -135,14 +136,17 @@ def vision_sizes(path, cfg):
     for key, ok, why in [('use_absolute_position_embeddings', lambda v: not v, 'positions are relative position biases'),
                          ('num_channels', lambda v: v in (None, 3), 'RGB images'),
                          ('layer_scale_init_value', lambda v: v is None or v > 0, 'blocks with LayerScale'),
-                         ('image_size', lambda v: square(v) is not None, 'square images'),
+                         ('image_size', lambda v: v is None or square(v) is not None, 'square images'),
                          ('patch_size', lambda v: v is None or square(v) is not None, 'square patches'),
+                         ('use_mean_pooling', lambda v: v is not False or 'Data2VecVisionModel' in (cfg.get('architectures') or []),
+                          "a classifier reads the mean of the patch tokens (BEiT's fine-tuning), not the CLS token"),
                          ('use_relative_position_bias', lambda v: bool(v) != bool(shared),
                           'one relative position bias: shared (use_shared_relative_position_bias) or one per block')]:
         _need(cfg, path, key, ok, why)
-    return dict(image_size=square(cfg['image_size']), patch_size=square(cfg.get('patch_size', 16)), layer_scale=cfg.get('layer_scale_init_value', 0.1),
-                rel_pos_bias='shared' if shared else 'layer', layer_norm_eps=cfg.get('layer_norm_eps', 1e-12),
-                drop_path=cfg.get('drop_path_rate', 0.0))
+    return dict(image_size=square(cfg.get('image_size', 224)), patch_size=square(cfg.get('patch_size', 16)),
+                layer_scale=cfg.get('layer_scale_init_value', 0.1), rel_pos_bias='shared' if shared else 'layer',
+                layer_norm_eps=cfg.get('layer_norm_eps', 1e-12), drop_path=cfg.get('drop_path_rate', 0.1),
+                dropout=cfg.get('hidden_dropout_prob', 0.0), attn_dropout=cfg.get('attention_probs_dropout_prob', 0.0))
 
 
 def text_sizes(path, cfg):
@@ -150,11 +154,13 @@ def text_sizes(path, cfg):
                          ('position_embedding_type', lambda v: v in (None, 'absolute'), 'learned absolute positions'),
                          ('is_decoder', lambda v: not v, 'an encoder')]:
         _need(cfg, path, key, ok, why)
-    return dict(vocab_size=cfg.get('vocab_size', 50_265), max_tokens=cfg.get('max_position_embeddings', 514) - 2, pad_id=1,
-                layer_norm_eps=cfg.get('layer_norm_eps', 1e-5))
+    return dict(vocab_size=cfg.get('vocab_size', 30_522), max_tokens=cfg.get('max_position_embeddings', 512) - 2, pad_id=1,
+                layer_norm_eps=cfg.get('layer_norm_eps', 1e-12), dropout=cfg.get('hidden_dropout_prob', 0.1),
+                attn_dropout=cfg.get('attention_probs_dropout_prob', 0.1))
 
 
-SIZES = dict(speech=speech_sizes, vision=vision_sizes, text=text_sizes)   # each HF config class's own keys
+SIZES = dict(speech=speech_sizes, vision=vision_sizes, text=text_sizes)   # each HF config class's keys, with its defaults
+
 
 
 def model_config(path, cfg):
@@ -165,30 +171,31 @@ def model_config(path, cfg):
     modality = MODALITY[kind]
     _need(cfg, path, 'hidden_act', lambda v: v in (None, 'gelu'), 'the blocks use exact GELU')
     sizes = dict(modality=modality, dim=cfg.get('hidden_size', 768), layers=cfg.get('num_hidden_layers', 12),
-                 heads=cfg.get('num_attention_heads', 12), ffn_dim=cfg.get('intermediate_size', 3072),
-                 dropout=cfg.get('hidden_dropout', cfg.get('hidden_dropout_prob', 0.0)),
-                 attn_dropout=cfg.get('attention_dropout', cfg.get('attention_probs_dropout_prob', 0.0)),
-                 layerdrop=cfg.get('layerdrop', 0.0))
-    return ModelConfig(**sizes, **SIZES[modality](path, cfg)), modality
+                 heads=cfg.get('num_attention_heads', 12), ffn_dim=cfg.get('intermediate_size', 3072), layerdrop=0.0)
+    return ModelConfig(**{**sizes, **SIZES[modality](path, cfg)}), modality
 
 
 # ---------------------------------------------------------------------------------------------- reading the weights
 def read_weights(folder):
-    """{name: tensor} of model.safetensors, pytorch_model.bin, or their shards (…index.json); one-line errors."""
+    """({name: tensor}, {name: the file it came from}) of model.safetensors, pytorch_model.bin, or their shards
+    (…index.json); one-line errors."""
     folder = Path(folder)
     for index in ('model.safetensors.index.json', 'pytorch_model.bin.index.json'):
         if (folder / index).is_file():
             try:
                 files = sorted(set(json.loads((folder / index).read_text())['weight_map'].values()))
-            except (ValueError, KeyError) as e:
+            except (ValueError, KeyError, AttributeError) as e:
                 raise DataError(f'{folder / index}: not a shard index ({type(e).__name__}: {e})') from None
-            out = {}
+            out, where = {}, {}
             for f in files:
-                out.update(read_file(folder / f))
-            return out
+                part = read_file(folder / f)
+                out.update(part)
+                where.update(dict.fromkeys(part, folder / f))
+            return out, where
     for name in ('model.safetensors', 'pytorch_model.bin'):
         if (folder / name).is_file():
-            return read_file(folder / name)
+            out = read_file(folder / name)
+            return out, dict.fromkeys(out, folder / name)
     raise DataError(f'{folder}: no model.safetensors or pytorch_model.bin (huggingface-cli download MODEL --local-dir {folder})')
 
 
@@ -254,7 +261,7 @@ def load_released(folder):
     mcfg, modality = model_config(path, cfg)
     arch = (cfg.get('architectures') or ['?'])[0]
     task = TASK.get(arch)
-    hf = read_weights(folder)
+    hf, where = read_weights(folder)
     prefix = BASE_PREFIX[modality]
     with torch.device('meta'):
         expected = {k: v.shape for k, v in Data2Vec(mcfg).state_dict().items() if not k.startswith('regression_head.')}
@@ -271,7 +278,7 @@ def load_released(folder):
                        'text': {'head.proj.1.weight': (mcfg.dim, mcfg.dim), 'head.proj.1.bias': (mcfg.dim,),
                                 'head.proj.4.weight': (n_out, mcfg.dim), 'head.proj.4.bias': (n_out,)}}
         expected.update(head_shapes['ctc' if task == 'ctc' else modality])
-    ours, notes, weights_file = {}, [], next((f for f in ('model.safetensors', 'pytorch_model.bin') if (folder / f).exists()), 'weights')
+    ours, notes = {}, []
     task_model = any(k.startswith(prefix) for k in hf)            # a task model: the encoder's keys have the prefix
     for key, tensor in hf.items():
         name = key.removeprefix(prefix)
@@ -285,19 +292,19 @@ def load_released(folder):
         if target is None:
             why = next((why for pattern, why in DROPPED[modality] if re.fullmatch(pattern, name)), None)
             if why is None:
-                raise DataError(f'{folder / weights_file}: {key} has no place in a data2vec {modality} model (KEY_MAPS in released.py)')
+                raise DataError(f'{where[key]}: {key} has no place in a data2vec {modality} model (KEY_MAPS in released.py)')
             notes.append(f'dropped {key}: {why}')
             continue
         if task == 'ctc' and target.startswith('head.proj.'):
             if tensor.shape[0] != cfg.get('vocab_size', tensor.shape[0]):
-                raise DataError(f'{folder / weights_file}: {key} has shape {tuple(tensor.shape)}; config.json vocab_size is {cfg.get("vocab_size")}')
+                raise DataError(f'{where[key]}: {key} has shape {tuple(tensor.shape)}; config.json vocab_size is {cfg.get("vocab_size")}')
             tensor = tensor[rows]                                # (V_hf, D) → (V_ours, D) in CTC_VOCAB order
         if target in ours:
-            raise DataError(f'{folder / weights_file}: {key} and another key both map to {target}')
+            raise DataError(f'{where[key]}: {key} and another key both map to {target}')
         if target not in expected:
-            raise DataError(f'{folder / weights_file}: {key} → {target}, which the architecture in config.json does not have')
+            raise DataError(f'{where[key]}: {key} → {target}, which the architecture in config.json does not have')
         if tuple(tensor.shape) != tuple(expected[target]):
-            raise DataError(f'{folder / weights_file}: {key} has shape {tuple(tensor.shape)}; config.json makes {target} '
+            raise DataError(f'{where[key]}: {key} has shape {tuple(tensor.shape)}; config.json makes {target} '
                             f'{tuple(expected[target])}')
         ours[target] = tensor.float()
     types = hf.get(prefix + TOKEN_TYPES, hf.get(TOKEN_TYPES))      # text: (type_vocab_size, D); every token has type 0
@@ -311,7 +318,7 @@ def load_released(folder):
     missing = sorted(set(expected) - set(ours))
     optional = {'front_end.mask_emb', 'front_end.mask_token', 'encoder.norm.weight', 'encoder.norm.bias'}  # HF leaves these out
     if set(missing) - optional:                                  # of models that do not mask, or pool with the head's fc_norm
-        raise DataError(f'{folder / weights_file}: no weights for {", ".join(sorted(set(missing) - optional)[:4])}'
+        raise DataError(f'{next(iter(set(where.values())), folder)}: no weights for {", ".join(sorted(set(missing) - optional)[:4])}'
                         f'{" …" if len(set(missing) - optional) > 4 else ""} ({len(hf)} tensors; config.json: {arch})')
     for name in missing:
         notes.append(f'kept the fresh init of {name}: not in the checkpoint')

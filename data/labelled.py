@@ -52,6 +52,9 @@ def load_data(cfg, mcfg, classes=None):
             test_t, train_t = [train_t[i] for i in test_i], [train_t[i] for i in train_i]
     if cfg.task == 'classify':
         given, classes = classes, classes or sorted(set(train_t))
+        if given:                                                 # a released head's classes: by name or by index
+            by_index = {str(i): name for i, name in enumerate(given)}
+            train_t, test_t = [by_index.get(t, t) for t in train_t], [by_index.get(t, t) for t in test_t]
         if len(classes) < 2:
             raise DataError(f'--data {cfg.data or "(embedded)"}: {len(classes)} class{"es" if not classes else ""} '
                             f'({", ".join(classes)}); classification needs at least 2')

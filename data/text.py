@@ -361,8 +361,11 @@ def load_tokenizer_file(path):
 
 
 def read_tokenizer(path):
-    """--tokenizer: a folder with vocab.json + merges.txt (load_tokenizer), or one tokenizer.json (load_tokenizer_file)."""
+    """--tokenizer: a folder with vocab.json + merges.txt (load_tokenizer) or, failing those, a tokenizer.json; or one
+    tokenizer.json (load_tokenizer_file)."""
     path = Path(path)
+    if path.is_dir() and not (path / 'vocab.json').is_file() and (path / 'tokenizer.json').is_file():
+        path = path / 'tokenizer.json'
     return load_tokenizer(path / 'vocab.json', path / 'merges.txt') if path.is_dir() else load_tokenizer_file(path)
 
 
