@@ -115,7 +115,7 @@ def check_writable(out):
 def resume_changes(saved, current, allowed, path, defaults=None):
     """Compare a checkpoint's flat config with this run's. A difference in a key outside `allowed` is an error listing
     every such key; the allowed ones come back as 'key old → new' notes to print. A key the checkpoint lacks (a knob
-    added since) reads as its default in `defaults`: the run was made with what that default does."""
+    added since) is refused by name, unless `defaults` gives the value that the older code behaved as."""
     saved = {**(defaults or {}), **saved}
     missing = [k for k in current if k not in saved and k != 'resume']
     if missing:

@@ -19,6 +19,9 @@ from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
+# knobs added since checkpoints were first written whose default is exactly what the older code did: a checkpoint
+# without them resumes (checkpoint.resume_changes); any other missing knob is refused by name
+UNCHANGED_DEFAULTS = dict(rel_pos_bias='shared', layer_norm_eps=0.0, pos_conv_zero='every', init='')
 TAPS = ('attention', 'ffn', 'ffn_residual', 'block')  # which tensor of a block the teacher's targets use (model.Block)
 N_SPECIALS = 5                                         # <s> <pad> </s> <unk> <mask> (data.text.SPECIALS)
 

@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -329,8 +329,7 @@ def main(argv=None):
     problem = fill_recipe(cfg, preset)
     if problem:
         raise DataError(problem)
-    changes = run.ckpt and resume_changes(run.ckpt['config']['finetune'], asdict(cfg), RESUMABLE, run.path,
-                                          {f.name: f.default for f in fields(FinetuneConfig)})
+    changes = run.ckpt and resume_changes(run.ckpt['config']['finetune'], asdict(cfg), RESUMABLE, run.path)
     seed_all(cfg.seed)
     train_set, test_set, classes = load_data(cfg, mcfg, released.classes if own_head else None)
     model = Finetuner(build_backbone(mcfg, ckpt, cfg), len(CTC_VOCAB) if cfg.task == 'ctc' else len(classes), cfg.task,

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import data
 from checkpoint import CheckpointError, RunState, StopSignal, ignore_stop_signals, resume_changes, seed_all, update_is_finite
-from config import ModelConfig, TrainConfig, check_config, lr_at, parse_train_args, pick_device, to_device
+from config import UNCHANGED_DEFAULTS, ModelConfig, check_config, lr_at, parse_train_args, pick_device, to_device
 from data import DataError, batches
 from model import Data2Vec, regression_loss
 from released import load_released
@@ -208,7 +208,7 @@ def main(argv=None):
     unreadable = getattr(dataset, 'unreadable', None) or []            # files left out at start-up
     changes = run.ckpt and resume_changes({**run.ckpt['config']['model'], **run.ckpt['config']['train']},
                                           {**asdict(mcfg), **asdict(cfg)}, RESUMABLE, run.path,     # after the tokenizer
-                                          {f.name: f.default for f in fields(ModelConfig) + fields(TrainConfig)})
+                                          UNCHANGED_DEFAULTS)
     if run.master:
         (run.out / 'config.json').write_text(json.dumps(dict(model=asdict(mcfg), train=asdict(cfg)), indent=2))
         if hasattr(dataset, 'save') and not run.ckpt:

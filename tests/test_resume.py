@@ -375,3 +375,7 @@ def test_a_checkpoint_from_an_older_version_is_refused_by_name():
     with pytest.raises(CheckpointError, match=r'x\.pt was written by an older version, without pad, crop_step'):
         resume_changes(dict(steps=4), dict(steps=4, pad=False, crop_step=16000, resume=True), ('steps',), 'x.pt')
     assert resume_changes(dict(steps=4, pad=False), dict(steps=8, pad=False, resume=True), ('steps',), 'x.pt') == ['steps 4 → 8']
+    # a knob whose default is what the older code did (config.UNCHANGED_DEFAULTS) resumes; another value is a change
+    assert resume_changes(dict(steps=4), dict(steps=4, layer_norm_eps=0.0, resume=True), (), 'x.pt', dict(layer_norm_eps=0.0)) == []
+    with pytest.raises(CheckpointError, match=r'layer_norm_eps 0.0 → 0.001'):
+        resume_changes(dict(steps=4), dict(steps=4, layer_norm_eps=1e-3, resume=True), (), 'x.pt', dict(layer_norm_eps=0.0))
