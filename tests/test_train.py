@@ -386,12 +386,14 @@ def test_collapse_stats_pool_micro_batches_and_ranks_before_the_square_root():
 
 @pytest.mark.parametrize('modality, steps', [('speech', 1500), ('vision', 1200), ('text', 2500)])
 def test_small_presets_keep_the_tiny_model_and_train_longer(modality, steps):
-    """--preset small (README, 'Ablations at small scale'): the tiny architecture (vision: at MNIST's 28²), more updates,
-    and τ reaching τe only at the end (speech, text) or constant (vision, as tiny), so the teacher moves all run long."""
+    """--preset small (README, 'Ablations at small scale'): the tiny architecture (vision: at MNIST's 28²; speech: a
+    1-layer positional conv, DEVIATIONS.md 40), more updates, and τ reaching τe only at the end (speech, text) or
+    constant (vision, as tiny), so the teacher moves all run long."""
     from config import parse_train_args
     tiny_m, tiny = parse_train_args(['--modality', modality])
     small_m, small = parse_train_args(['--modality', modality, '--preset', 'small'])
-    assert {**vars(small_m), 'image_size': 0} == {**vars(tiny_m), 'image_size': 0}
+    assert {**vars(small_m), 'image_size': 0, 'pos_conv_depth': 0} == {**vars(tiny_m), 'image_size': 0, 'pos_conv_depth': 0}
+    assert (small_m.pos_conv_depth, tiny_m.pos_conv_depth) == ((1, 5) if modality == 'speech' else (5, 5))
     assert small.steps == steps and small.batch_size == tiny.batch_size and small.lr == tiny.lr
     if modality == 'vision':
         assert small_m.image_size == 28 and small.warmup == 0.25 and small.ema_start == small.ema_end == 0.995
