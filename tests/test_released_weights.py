@@ -476,6 +476,10 @@ def test_text_finetunes_from_a_released_folder_with_its_vocab_and_merges(tmp_pat
     r = run('finetune.py', '--modality', 'text', '--init', str(folder), '--preset', 'tiny', '--steps', '3', '--out', str(tmp_path / 'ft'))
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / 'ft' / 'metrics.json').read_text())['steps'] == 3
+    r = run('train.py', '--modality', 'text', '--init', str(folder), '--steps', '2', '--block-size', '32', '--top-k', '2',
+            '--out', str(tmp_path / 'pre'))                          # the released tokenizer; 32 positions in this model
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / 'pre' / 'config.json').read_text())['train']['tokenizer'] == str(folder)
 
 
 def test_steps_0_scores_a_released_text_classifier_as_hf_does(tmp_path):
