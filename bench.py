@@ -14,7 +14,7 @@ peer_hf.py (../shared/bench, copied into .bench/) is the same step built from HF
 untimed steps (torch.compile compiles, workers start), then --steps steps between CUDA syncs. train_step syncs the
 host once per update, so `data_frac` (the time in next(stream) and the host → device copies) is the GPU waiting.
 `host_syncs` counts the calls in one step that make the host wait for the GPU (CUDA's sync debug mode; the NaN/Inf
-check is one).
+check is one). --profile prints where the time of a step goes (torch.profiler, the top 20 ops).
 
 FLOPs: one more eager step (train.forward_loss, never compiled) under FlopCounterMode. It counts matmuls (2·m·n·k;
 backward 2×: input and weight gradients), convolutions and attention (SDPA: QKᵀ and AV, 4·B·T²·D forward; backward
@@ -65,6 +65,8 @@ def main(argv=None):
     p.add_argument('--seconds', type=float, default=15.6, help='speech: clip length')
     p.add_argument('--device', default='auto')
     p.add_argument('--workers', type=int, default=4)
+    p.add_argument('--profile', action='store_true',
+                   help='then 3 more steps under torch.profiler: the top 20 ops by device time, on stderr')
     args, rest = p.parse_known_args(argv)
     B = args.batch_size if args.batch_size is not None else BATCH[args.modality]
     for ok, msg in [(args.version == 1, f'--version {args.version}: data2vec 2.0 is not implemented yet; only 1'),
@@ -80,9 +82,10 @@ def main(argv=None):
     # ---- built as train.main builds them, on a synthetic set of the benchmark's shape (noise clips, images, token blocks)
     device, cuda, autocast = pick_device(cfg.device)
     timed = args.warmup + args.steps                                   # + 1 sync step + 1 FLOP step: one epoch, workers start once
+    profiled = 3 if args.profile else 0
     # before build: bench_data sets what the data fix (speech: --crop to the clips' length, which build's recompile limit
     # reads; text: the <pad> id of its specials)
-    dataset, collate, shape = data.modality(mcfg.modality).bench_data(mcfg, cfg, (timed + 2) * B, args.seconds, cfg.seed)
+    dataset, collate, shape = data.modality(mcfg.modality).bench_data(mcfg, cfg, (timed + 2 + profiled) * B, args.seconds, cfg.seed)
     model, teacher, optimizer, loss_fn = train.build(mcfg, cfg, device, cuda)
     stream = batches(dataset, collate, B, cfg.seed, workers=cfg.workers, pin=cuda)
 
@@ -108,6 +111,16 @@ def main(argv=None):
     step_s = (time.perf_counter() - t_start) / args.steps
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
 
+    # ---- where the time goes (--profile): the ops of a few more steps, by device time
+    if profiled:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+            for i in range(profiled):
+                train.train_step(model, teacher, optimizer, next_batch(), timed + i, cfg, autocast, loss_fn)
+            sync()
+        print(prof.key_averages().table(sort_by='cuda_time_total' if cuda else 'cpu_time_total', row_limit=20,
+                                        max_name_column_width=70), file=sys.stderr)
+
     # ---- host syncs in one step: on CUDA, torch warns at every call that waits for the device
     syncs = None
     if cuda:
@@ -117,7 +130,7 @@ def main(argv=None):
             torch.cuda.set_sync_debug_mode('warn')
             train.train_step(model, teacher, optimizer, micro, timed, cfg, autocast, loss_fn)
             torch.cuda.set_sync_debug_mode('default')
-        syncs = sum('synchroniz' in str(w.message) for w in caught)
+        syncs = sum('called a synchronizing' in str(w.message) for w in caught)   # not the mode's own 'prototype' notice
 
     # ---- FLOPs of one eager step
     micro = next_batch()

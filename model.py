@@ -45,7 +45,9 @@ class SelfAttention(nn.Module):
     def forward(self, x, attn_mask=None):                                     # (B, T, D)
         q, k, v = (rearrange(p(x), 'b t (h d) -> b h t d', h=self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
         if attn_mask is not None and attn_mask.is_floating_point():
-            attn_mask = attn_mask.to(q.dtype)                                 # an fp32 bias under bf16 autocast
+            # an fp32 bias under bf16 autocast; and contiguous: a permuted bias (RelativePositionBias) sends SDPA to its
+            # math kernel, 31% of a vision base step on an H200 (PERF.md 2026-11-30)
+            attn_mask = attn_mask.to(q.dtype).contiguous()
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D/H)
         return self.out_proj(rearrange(o, 'b h t d -> b t (h d)'))            # (B, T, D)

@@ -50,6 +50,17 @@ def test_the_step_timed_is_train_step(capsys, monkeypatch):
     assert all(fn is train.forward_loss for fn in calls)               # eager: no --compile
 
 
+def test_profile_prints_the_ops_of_three_more_steps(capsys, monkeypatch):
+    calls = []
+    step = train.train_step
+    monkeypatch.setattr(train, 'train_step', lambda *a, **k: calls.append(1) or step(*a, **k))
+    bench.main([*TINY, '--modality', 'text', '--profile'])
+    out = capsys.readouterr()
+    assert len(out.out.splitlines()) == 1                              # stdout stays one JSON line
+    assert 'aten::linear' in out.err and 'CPU total' in out.err       # the profiler's table, on stderr
+    assert len(calls) == 1 + 2 + 3 + 1                                 # warmup + steps + 3 profiled + the FLOP step
+
+
 @pytest.mark.parametrize('attn_dropout, attn_backward', [(0.0, 2.5), (0.1, 2.0)])
 def test_flops_match_the_matmul_count(capsys, monkeypatch, attn_dropout, attn_backward):
     """Text (embeddings are lookups, no conv): every FLOP is a Linear or attention, counted by hand here.

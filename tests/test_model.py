@@ -35,6 +35,21 @@ def test_attention_matches_softmax_formula():
     torch.testing.assert_close(att(x, attention_mask(pad, 7)), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_a_permuted_bias_reaches_sdpa_with_a_unit_last_stride(monkeypatch):
+    """SDPA's fused CUDA kernels need the bias's last dimension contiguous; RelativePositionBias returns a permuted
+    view (stride 12 there), which sent vision to the math kernel (PERF.md 2026-11-30). Same values, unit stride."""
+    from encoders import RelativePositionBias
+    seen, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda q, k, v, attn_mask=None, **kw:
+                        seen.append(attn_mask) or sdpa(q, k, v, attn_mask=attn_mask, **kw))
+    rpb = RelativePositionBias((3, 3), 4)
+    torch.nn.init.normal_(rpb.table)
+    bias = rpb()                                                       # (4, 10, 10)
+    assert bias.stride(-1) != 1                                        # the case this guards
+    SelfAttention(16, 4)(torch.randn(2, 10, 16), bias)
+    assert seen[0].stride(-1) == 1 and torch.equal(seen[0], bias)
+
+
 def test_post_ln_block_taps_against_a_recomputation():
     """Every tap of a post-LN block (fairseq TransformerSentenceEncoderLayer) recomputed here from its weights: softmax
     attention written out, then LN₁(x + a), the FFN, the residual and LN₂, with F.layer_norm (ε 1e-5)."""
