@@ -8,6 +8,7 @@ Speech uses wav2vec 2.0 span masking with the semantics of fairseq `compute_mask
 Vision uses BEiT's block-wise masking on the patch grid (data2vec vision v1: 120 of 196 patches).
 Both give every row of a batch the same masked count, so shapes stay static for torch.compile.
 Text uses BERT masking or its wav2vec-style span variant (fairseq MaskTokensDataset), on token ids.
+data2vec 2.0 (--version 2): speech uses block_mask_1d, exact counts per row and per clone (exact_count).
 
     python masking.py        # saves masks.png (span masks and block masks) and prints the masked fractions
 """
@@ -98,6 +99,35 @@ def block_mask(batch, grid, count, min_block=16, min_aspect=0.3, attempts=10, ge
                 free = np.flatnonzero((touching if m.any() else np.ones_like(m)) & ~m)
                 m.flat[rng.choice(free)] = True
     return torch.from_numpy(masks.reshape(batch, h * w))
+
+
+def exact_count(mask, count, generator=None):
+    """data2vec 2.0's require_same_masks: every row of `mask` (R, L) bool gets exactly `count` masked steps.
+
+    A row with more masked steps unmasks a uniformly random subset of them; a row with fewer masks a uniformly random
+    subset of its unmasked steps (fairseq draws both with torch.multinomial on 0/1 weights, i.e. uniformly). Here as
+    one sort: masked steps first, each group in random order, and the first `count` are masked.
+    """
+    noise = torch.rand(mask.shape, generator=generator)               # (R, L) in [0, 1)
+    order = (noise - mask.float()).argsort(1)                          # masked keys in [−1, 0), unmasked in [0, 1)
+    return torch.zeros_like(mask).scatter_(1, order[:, :count], True)   # (R, L)
+
+
+def block_mask_1d(rows, L, mask_prob=0.5, span=5, adjust=0.05, generator=None):
+    """data2vec 2.0 speech masks (fairseq compute_block_mask_1d, not inverse): (rows, L) bool.
+
+        centres  n_c = int(L·(p + A)/B) per row, uniform on [0, L), drawn with replacement
+        spans    each centre c masks [c − ⌊B/2⌋, c − ⌊B/2⌋ + B), clamped to [0, L − 1]
+        count    then exactly int(L·p) masked steps per row (exact_count)
+
+    p = mask_prob (0.5), B = span (5), A = adjust (0.05): the adjust makes up for overlapping spans, so that the
+    count fix mostly trims. Every row and every clone gets the same count, so the visible steps gather into a
+    static (rows, L − int(L·p)) shape. One row per clone: rows = batch × M.
+    """
+    centres = torch.randint(0, L, (rows, int(L * (mask_prob + adjust) / span)), generator=generator)   # (R, n_c)
+    steps = (centres[:, :, None] + torch.arange(span) - span // 2).clamp(0, L - 1).flatten(1)       # (R, n_c·B)
+    mask = torch.zeros(rows, L, dtype=torch.bool).scatter_(1, steps, True)                           # (R, L)
+    return exact_count(mask, int(L * mask_prob), generator)
 
 
 def token_mask(tokens, mask_id, ordinary, prob=0.15, span=1, random_prob=0.1, leave_prob=0.1, generator=None):

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from masking import block_mask, span_mask, token_mask
+import random
+
+from masking import block_mask, block_mask_1d, exact_count, span_mask, token_mask
 
 
 def test_mask_ratio_is_049_with_equal_counts_per_row():
@@ -120,3 +122,72 @@ def test_text_span_masking_covers_31_percent():
     expected = 1 - (1 - 0.35 / 4) ** 4                              # 0.306: starts with p = 0.0875, 4 tokens each
     assert abs(mask.float().mean().item() - expected) < 0.02
     assert torch.equal(source != tokens, mask) and not mask[:, [0, -1]].any()
+
+
+# ---- data2vec 2.0: block masks in 1-D (speech) with exact counts
+
+def simulate_block_mask_1d(L, p, span, adjust, rng):
+    """fairseq compute_block_mask_1d for one row, written as loops with Python's random (independent of masking.py)."""
+    row = [0] * L
+    for _ in range(int(L * (p + adjust) / span)):
+        c = rng.randrange(L)                                           # centres with replacement
+        for i in range(span):
+            row[min(max(c + i - span // 2, 0), L - 1)] = 1
+    target, masked = int(L * p), [i for i in range(L) if row[i]]
+    if len(masked) > target:                                           # unmask a uniform subset
+        for i in rng.sample(masked, len(masked) - target):
+            row[i] = 0
+    elif len(masked) < target:                                         # mask a uniform subset of the rest
+        for i in rng.sample([i for i in range(L) if not row[i]], target - len(masked)):
+            row[i] = 1
+    return row
+
+
+def runs(row):
+    """Lengths of the masked runs of a 0/1 row."""
+    out, n = [], 0
+    for v in list(row) + [0]:
+        if v:
+            n += 1
+        elif n:
+            out.append(n)
+            n = 0
+    return out
+
+
+@pytest.mark.parametrize('L', [49, 100, 391])
+def test_block_mask_1d_exact_count_per_row_and_clone(L):
+    g = torch.Generator().manual_seed(L)
+    mask = block_mask_1d(8 * 16, L, 0.5, 5, 0.05, generator=g)           # 16 samples × M = 8 clones
+    assert mask.dtype == torch.bool and mask.shape == (128, L)
+    assert (mask.sum(1) == int(L * 0.5)).all()
+    assert len({tuple(r.tolist()) for r in mask}) == 128                # every clone its own mask
+
+
+def test_block_mask_1d_matches_an_independent_simulation():
+    """Run lengths and per-step frequencies (fewer at the borders) over 2000 rows, against the loop version above."""
+    L, n, rng = 60, 2000, random.Random(0)
+    ours = block_mask_1d(n, L, 0.5, 5, 0.05, generator=torch.Generator().manual_seed(0)).int().tolist()
+    sim = [simulate_block_mask_1d(L, 0.5, 5, 0.05, rng) for _ in range(n)]
+    for stat in (lambda rows: sum(len(runs(r)) for r in rows) / n,                     # masked runs per row (~9)
+                 lambda rows: sum(sum(x >= 5 for x in runs(r)) for r in rows) / n):   # runs of ≥ 5 steps
+        a, b = stat(ours), stat(sim)
+        assert abs(a - b) < 0.05 * b, (a, b)
+    freq_ours = torch.tensor(ours, dtype=torch.float).mean(0)
+    freq_sim = torch.tensor(sim, dtype=torch.float).mean(0)
+    assert (freq_ours - freq_sim).abs().max() < 0.05                    # binomial sd ≈ 0.011 per step
+    assert freq_sim[0] < freq_sim[L // 2] - 0.05 and freq_ours[0] < freq_ours[L // 2] - 0.05   # 3 centres reach step 0, 5 inside
+
+
+def test_exact_count_trims_or_fills_uniformly():
+    g = torch.Generator().manual_seed(0)
+    few = torch.zeros(4000, 10, dtype=torch.bool)
+    few[:, :2] = True                                                  # 2 masked → 5: 3 of the 8 others, uniformly
+    out = exact_count(few, 5, g)
+    assert (out.sum(1) == 5).all() and out[:, :2].all()
+    assert (out[:, 2:].float().mean(0) - 3 / 8).abs().max() < 0.04
+    many = torch.ones(4000, 10, dtype=torch.bool)
+    many[:, 8:] = False                                                # 8 masked → 5: keep 5 of those 8, uniformly
+    out = exact_count(many, 5, g)
+    assert (out.sum(1) == 5).all() and not out[:, 8:].any()
+    assert (out[:, :8].float().mean(0) - 5 / 8).abs().max() < 0.04
