@@ -131,13 +131,48 @@ class ConvPositionalEncoder(nn.Module):
 
     def forward(self, x, padding_mask=None):                       # (B, T, D)
         keep = 1.0 if padding_mask is None else rearrange(~padding_mask, 'b t -> b 1 t').to(x.dtype)
-        T = x.shape[1]
         h = rearrange(x, 'b t d -> b d t') * keep
         for conv in self.convs:
-            h = conv(h)[..., :T]                                   # (B, D, T); even kernels drop the extra frame (fairseq SamePad)
-            h = F.gelu(F.layer_norm(rearrange(h, 'b d t -> b t d'), h.shape[1:2]))
-            h = rearrange(h, 'b t d -> b d t') * (keep if self.zero_every else 1.0)   # zero padding after every layer too
+            h = conv_ln_gelu(conv, h) * (keep if self.zero_every else 1.0)   # (B, D, T); zero padding after every layer too
         return x + rearrange(h, 'b d t -> b t d')
+
+
+def conv_ln_gelu(conv, h):
+    """One layer of data2vec's 1-D conv stacks (the positional encoder; data2vec 2.0's decoder):
+    Conv1d → LayerNorm over channels, no affine → GELU.  (B, C, T) → (B, C', T); an even kernel's extra frame is
+    dropped (fairseq SamePad)."""
+    h = conv(h)[..., :h.shape[-1]]                                 # (B, C', T)
+    return rearrange(F.gelu(F.layer_norm(rearrange(h, 'b c t -> b t c'), h.shape[1:2])), 'b t c -> b c t')
+
+
+class ALiBi(nn.Module):
+    """data2vec 2.0 speech's attention bias (ALiBi, Press et al. 2022, symmetric), with a learned scale per head:
+
+        logits_hij += −max(s_h, 0) · m_h · |i − j|,   m_h = 2^(−8(h + 1)/H)  for H a power of 2
+
+    (H = 12: the 8 slopes of H = 8, then every other slope of H = 16, as ALiBi's reference code). s_h starts at 1;
+    one scale vector for all blocks (fairseq learned_alibi_scale, per head, not per layer). forward(T) → (H, T, T);
+    the student's bias is then taken at the kept steps on both axes.
+    """
+
+    def __init__(self, heads):
+        super().__init__()
+        self.register_buffer('slopes', torch.tensor(alibi_slopes(heads)), persistent=False)   # (H,)
+        self.scale = nn.Parameter(torch.ones(heads))
+
+    def forward(self, T):
+        t = torch.arange(T, device=self.slopes.device, dtype=self.slopes.dtype)
+        distance = (t[None, :] - t[:, None]).abs()                                                 # (T, T)
+        return -(self.scale.clamp_min(0) * self.slopes)[:, None, None] * distance               # (H, T, T)
+
+
+def alibi_slopes(heads):
+    """ALiBi's head slopes: 2^(−8/H)^(h + 1) for H a power of 2; otherwise those of the power of 2 below, then
+    every other slope of the power of 2 above."""
+    if heads & (heads - 1) == 0:
+        return [2 ** (-8 * (h + 1) / heads) for h in range(heads)]
+    below = 1 << (heads.bit_length() - 1)
+    return alibi_slopes(below) + alibi_slopes(2 * below)[0::2][:heads - below]
 
 
 # ImageNet channel statistics (timm IMAGENET_DEFAULT_MEAN/STD, BEiT --imagenet_default_mean_and_std)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from config import TAPS, ModelConfig  # noqa: F401  (TAPS, ModelConfig: re-exported for readers of this file)
-from encoders import FRONT_ENDS, RelativePositionBias, attention_mask, init_bert_params  # noqa: F401
+from encoders import FRONT_ENDS, RelativePositionBias, attention_mask, conv_ln_gelu, init_bert_params  # noqa: F401
 
 
 class SelfAttention(nn.Module):
@@ -245,6 +245,47 @@ class Data2Vec(nn.Module):
 
     def num_params(self, head=False):
         return sum(p.numel() for n, p in self.named_parameters() if head or not n.startswith('regression_head'))
+
+
+def visible_order(mask):
+    """data2vec 2.0: the order that puts the visible steps first. mask (R, T) bool, the same count n in every row →
+    ids_keep (R, T − n), the visible steps in time order; ids_restore (R, T), which puts [visible, masked] back in time
+    order. Computed with the masks (in the data pipeline, on the CPU), so the model needs no count from the device."""
+    ids_shuffle = mask.int().argsort(dim=1, stable=True)                        # (R, T): visible steps, then masked
+    return ids_shuffle[:, :mask.shape[1] - int(mask[0].sum())], ids_shuffle.argsort(1)
+
+
+class ConvDecoder(nn.Module):
+    """data2vec 2.0's decoder (fairseq Decoder1d): from the student's output at the visible steps, a prediction at
+    every step.
+
+        x₀ = restore([Dropout(student output at the visible steps), ε at the masked steps]),  ε ~ N(0, σ²), σ = 0.01
+        xₗ = conv_ln_gelu(convₗ, xₗ₋₁) + xₗ₋₁     (the residual when the shapes match: not after a first layer D → C)
+        ŷ  = proj(x_L)                            (one Linear C → D, or C → 2C → GELU → D with projection_layers 2)
+
+    speech base: 4 layers, C = 384, kernel 7, 16 groups, residual, input dropout 0.1. The loss keeps the masked steps.
+    forward(x (R, T_keep, D), ids_restore (R, T)) → (R, T, D).
+    """
+
+    def __init__(self, dim, decoder_dim=384, layers=4, kernel=7, groups=16, residual=True, projection_layers=1,
+                 input_dropout=0.1, noise_std=0.01):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv1d(dim if i == 0 else decoder_dim, decoder_dim, kernel, padding=kernel // 2,
+                                             groups=groups) for i in range(layers))
+        self.residual, self.input_dropout, self.noise_std = residual, input_dropout, noise_std
+        self.proj = (nn.Linear(decoder_dim, dim) if projection_layers == 1 else
+                     nn.Sequential(nn.Linear(decoder_dim, 2 * decoder_dim), nn.GELU(), nn.Linear(2 * decoder_dim, dim)))
+
+    def forward(self, x, ids_restore):
+        x = F.dropout(x, self.input_dropout, self.training)                     # (R, T_keep, D)
+        R, T, D = ids_restore.shape + x.shape[-1:]
+        noise = torch.randn(R, T - x.shape[1], D, device=x.device, dtype=x.dtype) * self.noise_std
+        x = torch.cat([x, noise], 1).gather(1, ids_restore[..., None].expand(R, T, D))   # (R, T, D), in time order
+        h = rearrange(x, 'r t d -> r d t')
+        for conv in self.convs:
+            y = conv_ln_gelu(conv, h)                                            # (R, C, T)
+            h = y + h if self.residual and y.shape == h.shape else y
+        return self.proj(rearrange(h, 'r c t -> r t c'))                       # (R, T, D)
 
 
 def regression_loss(pred, target, mask, beta=0.0, scale=None):
