@@ -22,7 +22,7 @@ import torch
 # knobs added since checkpoints were first written whose default is exactly what the older code did: a checkpoint
 # without them resumes (checkpoint.resume_changes); any other missing knob is refused by name
 UNCHANGED_DEFAULTS = dict(rel_pos_bias='shared', layer_norm_eps=0.0, pos_conv_zero='every', init='', version=1, decoder_dim=384,
-                          decoder_layers=4, decoder_kernel=7, decoder_groups=16, mask_noise_std=0.01, clones=8,
+                          decoder_layers=4, decoder_kernel=7, decoder_groups=16, mask_noise_std=0.01, decoder_dropout=0.1, clones=8,
                           mask_adjust=0.05)
 TAPS = ('attention', 'ffn', 'ffn_residual', 'block')  # which tensor of a block the teacher's targets use (model.Block)
 N_SPECIALS = 5                                         # <s> <pad> </s> <unk> <mask> (data.text.SPECIALS)
@@ -68,6 +68,7 @@ class ModelConfig:
     decoder_kernel: int = knob(7, 'data2vec 2.0: their kernel')
     decoder_groups: int = knob(16, 'data2vec 2.0: their groups')
     mask_noise_std: float = knob(0.01, 'data2vec 2.0: σ of the Gaussian noise the decoder reads at masked steps (fairseq mask_noise_std)')
+    decoder_dropout: float = knob(0.1, "data2vec 2.0: dropout on the decoder's input (fairseq decoder.input_dropout)")
     layer_norm_eps: float = knob(0.0, 'ε of the LayerNorms in and around the blocks; 0 = the released code\'s: 1e-5 (speech, '
                                       'text), 1e-6 (vision, BEiT). A released model\'s config.json sets its own (released.py)')
 
@@ -209,11 +210,12 @@ SPEECH2_BASE = dict(version=2, layerdrop=0.05, top_k=8, target_layer='ffn', targ
                     decoder_kernel=7, decoder_groups=16, ema_start=0.999, ema_end=0.99999, ema_anneal_steps=75_000,
                     schedule='cosine', lr=7.5e-4, min_lr=0.0, weight_decay=0.01, adam_beta2=0.98, adam_eps=1e-6,
                     warmup=8_000 / 400_000, steps=400_000, batch_size=40, micro_batch_size=5)
-# large (large_audio_only_task.yaml): 24 blocks (fairseq: 8 in the front-end + 16 shared; the top 8 are shared ones), M 12,
-# p 0.55, A 0.1, decoder C 768, τ 0.9997 → 1 over 300k, lr 4e-4, 600k updates; warm-up: base's 8k updates
-SPEECH2_LARGE = dict(SPEECH2_BASE, dim=1024, layers=24, heads=16, ffn_dim=4096, clones=12, mask_prob=0.55, mask_adjust=0.1,
-                     decoder_dim=768, ema_start=0.9997, ema_end=1.0, ema_anneal_steps=300_000, lr=4e-4, steps=600_000,
-                     warmup=8_000 / 600_000)
+# large (large_audio_only_task.yaml): 24 blocks (fairseq: 8 in the front-end + 16 shared, K 16 of the shared ones), M 12,
+# p 0.55, A 0.1, decoder C 768, no LayerDrop, τ 0.9997 → 1 over 300k, lr 4e-4, 10k warm-up, 600k updates, clip 1; its
+# composite optimizer applies optim_overrides: no weight decay on 1-D parameters (biases, norms, ALiBi scales)
+SPEECH2_LARGE = dict(SPEECH2_BASE, dim=1024, layers=24, heads=16, ffn_dim=4096, top_k=16, layerdrop=0.0, clones=12,
+                     mask_prob=0.55, mask_adjust=0.1, decoder_dim=768, ema_start=0.9997, ema_end=1.0, ema_anneal_steps=300_000,
+                     lr=4e-4, steps=600_000, warmup=10_000 / 600_000, clip=1.0, no_decay_1d=True)
 # tiny: SPEECH_TINY's model and data, base's mechanism: ≤ 5 min on 2 CPU cores
 SPEECH2_TINY = dict(SPEECH_TINY, **{k: SPEECH2_BASE[k] for k in ('version', 'target_post_norm', 'mask_prob', 'mask_length',
                                                                   'mask_adjust', 'schedule', 'min_lr', 'adam_beta2', 'adam_eps')},
@@ -221,7 +223,8 @@ SPEECH2_TINY = dict(SPEECH_TINY, **{k: SPEECH2_BASE[k] for k in ('version', 'tar
 PRESETS_V2 = {'speech': {'tiny': SPEECH2_TINY, 'small': dict(SPEECH2_TINY, **{k: PRESETS['speech']['small'][k] for k in (
     'pos_conv_depth', 'steps', 'ema_anneal_steps', 'log_every', 'ckpt_every')}),   # v1 small's changes to tiny
     'base': SPEECH2_BASE, 'large': SPEECH2_LARGE}}
-V2_ONLY = ('decoder_dim', 'decoder_layers', 'decoder_kernel', 'decoder_groups', 'mask_noise_std', 'clones', 'mask_adjust')
+V2_ONLY = ('decoder_dim', 'decoder_layers', 'decoder_kernel', 'decoder_groups', 'mask_noise_std', 'decoder_dropout', 'clones',
+           'mask_adjust')
 V1_ONLY = ('pad', 'ema_front_end')                                     # v2: crops to the shortest clip; its own teacher split
 
 # flags that only one or two modalities have: anywhere else they are an error, not silently ignored

@@ -109,7 +109,7 @@ class SpeechFeatureEncoder(nn.Module):
         return x, frame_padding
 
     def convolve(self, wav, padding_mask=None):
-        """The conv layers: (B, S) → (B, T, C). data2vec 2.0's teacher shares these and averages `project`."""
+        """The conv layers: (B, S) → (B, T, C)."""
         x = rearrange(normalize_waveform(wav, padding_mask), 'b s -> b 1 s')
         for layer in self.conv_layers:
             x = layer(x)                                           # (B, C, S') … (B, C, T)
@@ -289,7 +289,7 @@ class FrontEnd(nn.Module):
                        False: the teacher shares the student's front-end and reads the tokens it made of the
                        unmasked input. Everything else of the teacher is averaged (teacher.Teacher).
         shared         (averaged front-ends) names of submodules the teacher does not copy but shares: data2vec 2.0
-                       speech's conv layers. teacher_tokens(teacher_input) → (tokens, padding) on the teacher's copy
+                       speech's feature encoder. teacher_tokens(teacher_input) → (tokens, padding) on the teacher's copy
         prefix         tokens the front-end puts before the data (CLS), which get no target
         pre_ln, input_norm, head_layers, finetune_frozen, norm_eps, layer_bias   the released model it belongs to
                        (model.Data2Vec, finetune.py); norm_eps: its LayerNorms' ε unless cfg.layer_norm_eps sets one;
@@ -310,11 +310,11 @@ class FrontEnd(nn.Module):
 class SpeechFrontEnd(FrontEnd):
     """wav2vec 2.0's front-end, data2vec speech v1: feature encoder → mask embedding → conv positional encoder.
 
-    data2vec 2.0 (cfg.version 2, fairseq modalities/audio.py): no mask embedding, the student reads the visible frames
-    only (`visible`), and an ALiBi bias with a learned scale per head joins the positional conv. The teacher averages
-    everything but the conv layers, which it shares (fairseq ema_local_encoder False: the CNN is the local encoder; its
-    LayerNorm and projection are averaged): it reads the student's conv features of the unmasked input through its
-    own projection and positional conv (`teacher_tokens`).
+    data2vec 2.0 (cfg.version 2, fairseq modalities/audio.py): no mask embedding (masked frames are zeroed: fairseq
+    encoder_zero_mask), the student reads the visible frames only (`visible`), and an ALiBi bias with a learned scale
+    per head joins the positional conv. The teacher shares the feature encoder (fairseq make_target_model drops the
+    local encoder and project_features from its copy) and averages the positional conv and the ALiBi scales: it
+    reads the student's features of the unmasked input through its own positional conv (`teacher_tokens`).
 
     Shared with the teacher (paper: 'share the parameters of the feature encoder and the positional encoder'; fairseq
     `ema_transformer_only`, `ema_layers_only`): the teacher reads the positional encoder's output for the unmasked
@@ -327,7 +327,7 @@ class SpeechFrontEnd(FrontEnd):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.averaged = cfg.ema_front_end or cfg.version == 2                  # fairseq ema_transformer_only False
-        self.shared = ('feature_encoder.conv_layers',) if cfg.version == 2 else ()
+        self.shared = ('feature_encoder',) if cfg.version == 2 else ()
         self.feature_encoder = SpeechFeatureEncoder(cfg.conv_dim, cfg.dim, cfg.feature_grad_mult, cfg.layer_norm_eps or self.norm_eps)
         if cfg.version == 1:
             self.mask_emb = nn.Parameter(torch.empty(cfg.dim).uniform_())      # fairseq: uniform_() in [0, 1)
@@ -345,8 +345,8 @@ class SpeechFrontEnd(FrontEnd):
                 self.pos_encoder(x, padding)
         if channel_mask is not None:
             x = x.masked_fill(channel_mask[:, None, :], 0.0)
-        if mask is not None:
-            x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)    # masked frames → the mask embedding
+        if mask is not None:                                                  # masked frames → the mask embedding (v2: 0)
+            x = torch.where(mask[..., None], self.mask_emb.to(x.dtype) if self.alibi is None else 0.0, x)
         return self.pos_encoder(x, padding), padding, teacher_input
 
     def attention(self, x, padding_mask=None, window=0):
@@ -363,14 +363,16 @@ class SpeechFrontEnd(FrontEnd):
         features (R, T, D), mask (R, T), ids_keep (R, T_keep) → tokens (R, T_keep, D), bias (R, H, T_keep, T_keep)."""
         x = self.pos_encoder(features.masked_fill(mask[..., None], 0.0))      # (R, T, D): x + g(x), g sees no masked frame
         x = x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))      # (R, T_keep, D)
-        return x, self.alibi(ids_keep)                                        # ALiBi at the frames' true distances
+        bias = self.alibi(ids_keep)                                           # (R, H, T_keep, T_keep): true distances
+        if torch.is_autocast_enabled(x.device.type):                          # cast once here, not in every block
+            bias = bias.to(torch.get_autocast_dtype(x.device.type))           # (fairseq adds it in fp32: DEVIATIONS.md 44)
+        return x, bias
 
     def teacher_tokens(self, teacher_input):
-        """v2, on the teacher's copy: the student's conv features of the unmasked input (B, T, C) → its own projection
-        and positional conv → (B, T, D)."""
+        """v2, on the teacher's copy: the student's features of the unmasked input (B, T, D) → its own positional conv."""
         if self.alibi is None:
             return super().teacher_tokens(teacher_input)
-        return self.pos_encoder(self.feature_encoder.project(teacher_input)), None
+        return self.pos_encoder(teacher_input), None
 
 
 class ImageFrontEnd(FrontEnd):

@@ -259,24 +259,23 @@ class Data2Vec2(Data2Vec):
         source ─ front_end.feature_encoder: features (B, T, D), once per sample ─ × M (R = B·M rows)
                ─ front_end.visible: masked steps dropped ─ encoder: L blocks on T_keep steps ─ decoder → (R, T, D)
 
-    The teacher reads the conv features of the unmasked input, once per sample (train.forward_loss repeats its targets M
+    The teacher reads the features of the unmasked input, once per sample (train.forward_loss repeats its targets M
     times). encode() is Data2Vec's: the whole input, for fine-tuning and probes.
     """
     head = 'decoder'
 
     def make_head(self, cfg):
         self.decoder = ConvDecoder(cfg.dim, cfg.decoder_dim, cfg.decoder_layers, cfg.decoder_kernel, cfg.decoder_groups,
-                                   input_dropout=cfg.dropout, noise_std=cfg.mask_noise_std)
+                                   input_dropout=cfg.decoder_dropout, noise_std=cfg.mask_noise_std)
 
     def forward(self, source, mask, ids_keep, ids_restore, padding_mask=None):
         """source (B, S), mask (R, T) bool with rows b·M … b·M + M − 1 for sample b, ids_keep (R, T_keep), ids_restore
-        (R, T) (masking.visible_order) → pred (R, T, D), the teacher's input: the conv features (B, T, C), padding None."""
-        conv = self.front_end.feature_encoder.convolve(source)                   # (B, T, C): one pass for all M copies
-        x = self.front_end.feature_encoder.project(conv)                         # (B, T, D)
-        x = x.repeat_interleave(mask.shape[0] // source.shape[0], 0)             # (R, T, D)
+        (R, T) (masking.visible_order) → pred (R, T, D), the teacher's input: the features (B, T, D), padding None."""
+        features, _ = self.front_end.feature_encoder(source)                    # (B, T, D): one pass for all M copies
+        x = features.repeat_interleave(mask.shape[0] // source.shape[0], 0)      # (R, T, D)
         x, bias = self.front_end.visible(x, mask, ids_keep)                      # (R, T_keep, D), (R, H, T_keep, T_keep)
         x, _ = self.encoder(x, bias)                                             # (R, T_keep, D)
-        return self.decoder(x, ids_restore), conv.detach(), None                # (R, T, D)
+        return self.decoder(x, ids_restore), features.detach(), None            # (R, T, D)
 
 
 def build_student(cfg: ModelConfig):

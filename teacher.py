@@ -28,8 +28,8 @@ class Teacher(nn.Module):
 
     It always averages the student's Transformer. It averages the front-end too where the front-end says so
     (`averaged`: vision, BEiT's EMA of the whole model; speech with --ema-front-end) and then reads the raw input
-    through its own copy, less the parts the front-end shares (`shared`: data2vec 2.0 speech's conv layers, whose
-    features it reads). Otherwise
+    through its own copy, less the parts the front-end shares (`shared`: data2vec 2.0 speech's feature encoder,
+    whose features it reads). Otherwise
     the front-end is shared (speech: the feature and positional encoders, paper; text: the embeddings, fairseq): the
     teacher reads the tokens the student's front-end made of the unmasked input, and is handed that front-end when
     it runs (`front_end=`) for where positions enter the attention. Its state dict's keys are the student's.
@@ -40,7 +40,7 @@ class Teacher(nn.Module):
         self.front_end = None
         if student.front_end.averaged:
             self.front_end = make_teacher(student.front_end)
-            for name in student.front_end.shared:                              # data2vec 2.0 speech: the conv layers
+            for name in student.front_end.shared:                              # data2vec 2.0 speech: the feature encoder
                 parent, _, child = name.rpartition('.')
                 delattr(self.front_end.get_submodule(parent), child)
         self.encoder = make_teacher(student.encoder)
@@ -67,7 +67,7 @@ class Teacher(nn.Module):
 
 def without(module, names):
     """A view of `module` (the same parameter and buffer tensors, the same names) less the submodules `names`
-    ('feature_encoder.conv_layers'): what the teacher's pruned copy pairs up with, key for key."""
+    ('feature_encoder', or a dotted path): what the teacher's pruned copy pairs up with, key for key."""
     if not names:
         return module
     view = nn.Module()

@@ -25,9 +25,9 @@ SMALL = ['--dim', '32', '--layers', '2', '--heads', '2', '--ffn-dim', '64', '--t
 FLAGS = {'speech': SMALL + ['--conv-dim', '16', '--crop', '16000'],
          'vision': ['--modality', 'vision', '--drop-path', '0'] + SMALL,
          'text': ['--modality', 'text'] + SMALL + ['--vocab-size', '5000', '--block-size', '32'],
-         # data2vec 2.0: no decoder noise either (each rank draws its own)
+         # data2vec 2.0: no decoder noise or dropout either (each rank draws its own)
          'speech-v2': ['--version', '2'] + SMALL + ['--conv-dim', '16', '--crop', '16000', '--clones', '2', '--decoder-dim', '16',
-                                                    '--decoder-groups', '2', '--mask-noise-std', '0']}
+                                                    '--decoder-groups', '2', '--mask-noise-std', '0', '--decoder-dropout', '0']}
 
 
 # train.main under torchrun, checking after every update that every rank holds the same teacher, bit for bit

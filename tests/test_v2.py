@@ -131,37 +131,44 @@ def test_counts_blocks_see_the_visible_steps_and_the_teacher_runs_once():
 
 
 def test_v2_loss_equals_a_recomputation_with_repeated_targets():
-    """forward_loss against the teacher's targets built here: its positional conv on the student's features of the
-    unmasked clip, ALiBi, the blocks' FFN outputs, instance norm over time, the top-K average, repeated M times."""
+    """forward_loss against targets built here: the student's features of the unmasked clip (fairseq: the teacher has
+    no feature encoder of its own), the teacher's own positional conv (written out here), its ALiBi, its blocks' FFN
+    outputs, instance norm over time, the top-K average, repeated M times; L2 × 1/√D at the masked steps."""
     mcfg, cfg, model, teacher, batch = v2_setup()
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(torch.randn_like(p) * 0.01)                                        # a teacher that is not the student
-    torch.manual_seed(5)
-    loss, _ = train.forward_loss(model, teacher, batch, cfg)
-    torch.manual_seed(5)                                                              # the same decoder noise
-    pred, _, _ = model(**batch)
+    captured = {}
+    real_loss = train.regression_loss
+    train.regression_loss = lambda pred, y, *a: captured.update(pred=pred, y=y) or real_loss(pred, y, *a)
+    try:
+        loss, _ = train.forward_loss(model, teacher, batch, cfg)
+    finally:
+        train.regression_loss = real_loss
     with torch.no_grad():
-        conv = model.front_end.feature_encoder.convolve(batch['source'])            # the shared CNN, once
-        fe = teacher.front_end.feature_encoder                                        # the teacher's own LN, projection
-        x = teacher.front_end.pos_encoder(fe.projection(F.layer_norm(conv, (16,), fe.layer_norm.weight, fe.layer_norm.bias)))
+        features, _ = model.front_end.feature_encoder(batch['source'])              # the student's, once per clip
+        h = features.transpose(1, 2)                                                  # (B, D, T)
+        for conv in teacher.front_end.pos_encoder.convs:                              # k 19, 16 groups, LN, GELU
+            h = F.conv1d(h, conv.weight, conv.bias, padding=9, groups=16)
+            h = F.gelu(F.layer_norm(h.transpose(1, 2), (32,))).transpose(1, 2)
+        x = features + h.transpose(1, 2)
         T, s = x.shape[1], teacher.front_end.alibi.scale.clamp_min(0)
         dist = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).abs().float()
         bias = -(s * torch.tensor(alibi_slopes(4)))[:, None, None] * dist            # (H, T, T)
         taps = teacher.encoder(x, bias, tap='ffn')[1][-2:]                            # top K = 2
         normed = [(a - a.mean(1, keepdim=True)) / torch.sqrt(a.var(1, unbiased=False, keepdim=True) + 1e-5) for a in taps]
         y = (sum(normed) / 2).repeat_interleave(3, 0)                                  # (12, T, D)
+    torch.testing.assert_close(captured['y'], y, rtol=1e-4, atol=1e-5)
     m = batch['mask']
-    expected = ((pred - y).square().sum(-1) / math.sqrt(32))[m].mean()
+    expected = ((captured['pred'] - y).square().sum(-1) / math.sqrt(32))[m].mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_ema_covers_all_but_the_cnn_and_the_decoder():
+def test_ema_covers_all_but_the_feature_encoder_and_the_decoder():
     mcfg, cfg, model, teacher, batch = v2_setup()
     keys = set(teacher.state_dict())
-    assert not any(k.startswith(('front_end.feature_encoder.conv_layers', 'decoder')) for k in keys)
-    assert {k for k in model.state_dict() if not k.startswith(('front_end.feature_encoder.conv_layers', 'decoder'))} == keys
-    assert any(k.startswith('front_end.feature_encoder.projection') for k in keys)   # fairseq: only the CNN is shared
+    assert not any(k.startswith(('front_end.feature_encoder', 'decoder')) for k in keys)
+    assert {k for k in model.state_dict() if not k.startswith(('front_end.feature_encoder', 'decoder'))} == keys
     before = copy.deepcopy(teacher.state_dict())
     with torch.no_grad():
         for p in model.parameters():
@@ -169,10 +176,45 @@ def test_ema_covers_all_but_the_cnn_and_the_decoder():
     ema_update_(teacher, Teacher.averaged_part(model), 0.9)
     for k, v in teacher.state_dict().items():
         torch.testing.assert_close(v, 0.9 * before[k] + 0.1 * model.state_dict()[k])   # Δ ← τΔ + (1 − τ)θ
-    # the teacher reads the student's CNN: a changed conv layer changes its input
+
+
+def test_the_teacher_reads_the_students_feature_encoder():
+    """A changed student projection changes the targets; the teacher's own weights did not move."""
     mcfg, cfg, model, teacher, batch = v2_setup()
-    _, t0, _ = model(**batch)
+    targets = []
+    real_loss = train.regression_loss
+    train.regression_loss = lambda pred, y, *a: targets.append(y) or real_loss(pred, y, *a)
+    try:
+        train.forward_loss(model, teacher, batch, cfg)
+        with torch.no_grad():
+            model.front_end.feature_encoder.projection.weight.mul_(2)
+        train.forward_loss(model, teacher, batch, cfg)
+    finally:
+        train.regression_loss = real_loss
+    assert not torch.allclose(targets[0], targets[1])
+
+
+def test_the_visible_bias_is_the_full_bias_at_the_kept_steps():
+    """fairseq masked_alibi: the full-length ALiBi bias, rows and columns gathered at the kept steps."""
+    mcfg, cfg, model, teacher, batch = v2_setup()
     with torch.no_grad():
-        model.front_end.feature_encoder.conv_layers[-1].conv.weight.mul_(2)
-    _, t1, _ = model(**batch)
-    assert not torch.allclose(t0, t1)
+        model.front_end.alibi.scale.copy_(torch.tensor([0.5, 1.0, 2.0, 0.1]))
+    keep = batch['ids_keep']
+    _, bias = model.front_end.visible(torch.randn(12, batch['mask'].shape[1], 32), batch['mask'], keep)
+    full = model.front_end.alibi(torch.arange(batch['mask'].shape[1]))              # (H, T, T)
+    for r in range(12):
+        torch.testing.assert_close(bias[r], full[:, keep[r]][:, :, keep[r]])
+
+
+def test_a_v2_encoder_reads_masked_frames_as_zeros():
+    """Fine-tuning masks (wav2vec 2.0's time masks) on a v2 encoder: masked frames are zero features (fairseq
+    encoder_zero_mask), as if the feature encoder had output zeros there."""
+    mcfg, cfg, model, teacher, batch = v2_setup()
+    model.eval()
+    source, mask = batch['source'], batch['mask'][::3]                              # one mask per clip
+    out, _ = model.encode(source, None, mask)
+    features, _ = model.front_end.feature_encoder(source)
+    fe = model.front_end
+    x = fe.pos_encoder(features.masked_fill(mask[..., None], 0.0))
+    expected, _ = model.encoder(x, fe.alibi(torch.arange(x.shape[1])))
+    torch.testing.assert_close(out, expected)
