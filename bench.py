@@ -20,7 +20,7 @@ FLOPs: one more eager step (train.forward_loss, never compiled) under FlopCounte
 backward 2×: input and weight gradients), convolutions and attention (SDPA: QKᵀ and AV, 4·B·T²·D forward; backward
 5 matmuls, 2.5×, the scores recomputed) in the teacher's forward and the student's forward and backward, not the
 elementwise work (norms, GELU, softmax, loss, Adam, EMA), negligible next to them. torch counts no FLOPs for SDPA's
-fused CPU kernel; CPU_ATTENTION counts it as the CUDA kernels. SDPA's math path (on the CPU: dropout, vision's float
+fused CPU kernel; CORRECTED counts it as the CUDA kernels, and grouped convolutions' backward as grouped. SDPA's math path (on the CPU: dropout, vision's float
 bias) is counted as its matmuls: backward 2×. mfu = FLOPs / step time / --peak (790e12 as peer_hf.py; peak.py
 measured 731e12 on one H100).
 """
@@ -31,7 +31,7 @@ import time
 import warnings
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_backward_flop_count, sdpa_flop_count
 from tqdm import tqdm
 
 import data
@@ -41,10 +41,21 @@ from data import batches
 from data.speech import MIN_SECONDS
 
 BATCH = dict(speech=8, vision=64, text=32)                            # the base benchmarks' batch per device
-CPU_ATTENTION = {   # FlopCounterMode custom_mapping: shapes in, FLOPs out
+
+
+def conv_backward_flops(grad_out, x, w, _bias, _stride, _padding, _dilation, transposed, _output_padding, _groups,
+                        output_mask, *_, **__):
+    """A convolution's backward: each gradient asked for (input, weight) costs one forward pass, 2 · output elements ·
+    C_in/groups · kernel. torch 2.13's own count treats a grouped convolution's input gradient as ungrouped (17× too
+    much for the positional conv's 16 groups; tests/test_bench.py)."""
+    return conv_flop_count(x, w, grad_out, transposed) * (int(output_mask[0]) + int(output_mask[1]))
+
+
+CORRECTED = {   # FlopCounterMode custom_mapping: shapes in, FLOPs out
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, q, k, v)}
+        lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, q, k, v),
+    torch.ops.aten.convolution_backward: conv_backward_flops}
 
 
 def sig(x, digits=4):                                                  # rounded to `digits` significant digits
@@ -69,7 +80,7 @@ def main(argv=None):
                    help='then 3 more steps under torch.profiler: the top 20 ops by device time, on stderr')
     args, rest = p.parse_known_args(argv)
     B = args.batch_size if args.batch_size is not None else BATCH[args.modality]
-    for ok, msg in [(args.version == 1, f'--version {args.version}: data2vec 2.0 is not implemented yet; only 1'),
+    for ok, msg in [(args.version in (1, 2), f'--version {args.version}: choose 1 or 2'),
                     (B >= 1, f'--batch-size {B} must be ≥ 1'), (args.steps >= 1, f'--steps {args.steps} must be ≥ 1'),
                     (args.warmup >= 0, f'--warmup {args.warmup} must be ≥ 0'), (args.peak > 0, f'--peak {args.peak} must be > 0'),
                     (args.seconds >= MIN_SECONDS, f'--seconds {args.seconds} must be ≥ {MIN_SECONDS} (> 0)')]:
@@ -77,15 +88,15 @@ def main(argv=None):
             p.error(msg)
     mcfg, cfg = parse_train_args(rest + ['--modality', args.modality, '--preset', args.preset, '--batch-size', str(B),
                                          '--micro-batch-size', str(B), '--device', args.device, '--workers', str(args.workers),
-                                         '--compile' if args.compile else '--no-compile'])
+                                         '--compile' if args.compile else '--no-compile', '--version', str(args.version)])
 
     # ---- built as train.main builds them, on a synthetic set of the benchmark's shape (noise clips, images, token blocks)
     device, cuda, autocast = pick_device(cfg.device)
-    timed = args.warmup + args.steps                                   # + 1 sync step + 1 FLOP step: one epoch, workers start once
+    timed = args.warmup + args.steps                                   # + 1 sync step + 2 FLOP steps: one epoch, workers start once
     profiled = 3 if args.profile else 0
     # before build: bench_data sets what the data fix (speech: --crop to the clips' length, which build's recompile limit
     # reads; text: the <pad> id of its specials)
-    dataset, collate, shape = data.modality(mcfg.modality).bench_data(mcfg, cfg, (timed + 2 + profiled) * B, args.seconds, cfg.seed)
+    dataset, collate, shape = data.modality(mcfg.modality).bench_data(mcfg, cfg, (timed + 3 + profiled) * B, args.seconds, cfg.seed)
     model, teacher, optimizer, loss_fn = train.build(mcfg, cfg, device, cuda)
     stream = batches(dataset, collate, B, cfg.seed, workers=cfg.workers, pin=cuda)
 
@@ -134,14 +145,23 @@ def main(argv=None):
 
     # ---- FLOPs of one eager step
     micro = next_batch()
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
+    with FlopCounterMode(display=False, custom_mapping=CORRECTED) as counter:
         train.train_step(model, teacher, optimizer, micro, timed, cfg, autocast, train.forward_loss)
-    stream.close()                                                     # stops the loader workers
     flops = counter.get_total_flops()
+    # forward FLOPs of the student's blocks, the teacher's and the decoder: one more forward pass (FlopCounterMode
+    # attributes forward work to modules; its attribution of the backward pass is not reliable)
+    with torch.no_grad(), autocast, FlopCounterMode(display=False, custom_mapping=CORRECTED) as forward:
+        train.forward_loss(model, teacher, next_batch()[0], cfg)
+    stream.close()                                                     # stops the loader workers
+    by_module = forward.get_flop_counts()                             # {'Data2Vec2.encoder': {op: FLOPs}, 'Teacher.encoder': …}
+    part = lambda *names: sum(sum(by_module.get(n, {}).values()) for n in names)
+    parts = dict(student_blocks=part('Data2Vec.encoder', 'Data2Vec2.encoder'), teacher_blocks=part('Teacher.encoder'),
+                 decoder=part('Data2Vec2.decoder'))
     result = dict(bench='data2vec-reference', modality=args.modality, preset=args.preset, version=args.version,
                   compile=args.compile, batch=B, **shape, step_ms=sig(step_s * 1000), samples_per_s=sig(B / step_s),
                   tokens_per_s=sig(B * shape['tokens_per_sample'] / step_s),
-                  step_tflop=sig(flops / 1e12), mfu=sig(flops / step_s / args.peak),
+                  step_tflop=sig(flops / 1e12), **{f'{k}_fwd_tflop': sig(v / 1e12) for k, v in parts.items()},
+                  mfu=sig(flops / step_s / args.peak),
                   peak_mem_gb=round(peak_mem, 2) if cuda else None, data_frac=sig(data_s / (step_s * args.steps), 3),
                   host_syncs=syncs, loss=sig(float(stats['loss'])), skipped_updates=skipped,
                   device=torch.cuda.get_device_name(device) if cuda else 'cpu', torch=torch.__version__)

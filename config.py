@@ -21,7 +21,9 @@ import torch
 
 # knobs added since checkpoints were first written whose default is exactly what the older code did: a checkpoint
 # without them resumes (checkpoint.resume_changes); any other missing knob is refused by name
-UNCHANGED_DEFAULTS = dict(rel_pos_bias='shared', layer_norm_eps=0.0, pos_conv_zero='every', init='')
+UNCHANGED_DEFAULTS = dict(rel_pos_bias='shared', layer_norm_eps=0.0, pos_conv_zero='every', init='', version=1, decoder_dim=384,
+                          decoder_layers=4, decoder_kernel=7, decoder_groups=16, mask_noise_std=0.01, decoder_dropout=0.1, clones=8,
+                          mask_adjust=0.05)
 TAPS = ('attention', 'ffn', 'ffn_residual', 'block')  # which tensor of a block the teacher's targets use (model.Block)
 N_SPECIALS = 5                                         # <s> <pad> </s> <unk> <mask> (data.text.SPECIALS)
 
@@ -34,6 +36,8 @@ def knob(default, help):
 class ModelConfig:
     """Architecture. Defaults are data2vec Base for speech (fairseq base_librispeech.yaml); PRESETS has the others."""
     modality: str = knob('speech', 'speech | vision | text')
+    version: int = knob(1, 'data2vec version: 1 (2022) | 2 (data2vec 2.0, 2023: visible steps only, a conv decoder, M masks '
+                           'per sample; speech only so far)')
     dim: int = knob(768, 'D: model width')
     layers: int = knob(12, 'L: Transformer blocks')
     heads: int = knob(12, 'attention heads')
@@ -59,6 +63,12 @@ class ModelConfig:
     vocab_size: int = knob(50_000, 'text: BPE vocabulary (set from the tokenizer)')
     max_tokens: int = knob(512, 'text: rows of the learned position table, minus RoBERTa\'s offset of 2')
     pad_id: int = knob(1, 'text: the tokenizer\'s <pad> (set from the tokenizer)')
+    decoder_dim: int = knob(384, 'data2vec 2.0: C, the conv decoder\'s channels')
+    decoder_layers: int = knob(4, 'data2vec 2.0: the conv decoder\'s layers')
+    decoder_kernel: int = knob(7, 'data2vec 2.0: their kernel')
+    decoder_groups: int = knob(16, 'data2vec 2.0: their groups')
+    mask_noise_std: float = knob(0.01, 'data2vec 2.0: σ of the Gaussian noise the decoder reads at masked steps (fairseq mask_noise_std)')
+    decoder_dropout: float = knob(0.1, "data2vec 2.0: dropout on the decoder's input (fairseq decoder.input_dropout)")
     layer_norm_eps: float = knob(0.0, 'ε of the LayerNorms in and around the blocks; 0 = the released code\'s: 1e-5 (speech, '
                                       'text), 1e-6 (vision, BEiT). A released model\'s config.json sets its own (released.py)')
 
@@ -93,6 +103,9 @@ class TrainConfig:
     mask_prob: float = knob(0.65, 'speech: fairseq mask_prob, span starts are p = mask_prob / mask_length of the frames '
                                   '(Table 8); vision: the fraction of patches masked')
     mask_length: int = knob(10, 'speech: frames per masked span (Table 8); vision: fewest patches per masked block')
+    mask_adjust: float = knob(0.05, 'data2vec 2.0 speech: A, extra span centres for overlaps: int(T·(p + A)/B) centres, '
+                                    'then exactly int(T·p) masked (fairseq mask_prob_adjust)')
+    clones: int = knob(8, 'data2vec 2.0: M, masked copies of each sample, one teacher pass for all (multi-mask)')
     min_crop_scale: float = knob(0.08, 'vision: random resized crops cover this fraction of the image or more')
     text_mask: str = knob('bert', 'text: bert (15%: 80% <mask>, 10% random, 10% kept; the paper) | span (0.35 × 4 tokens, all '
                                   '<mask>; the fairseq config). Sets --mask-prob/--mask-length unless given')
@@ -190,6 +203,30 @@ PRESETS = {
     },
 }
 
+# data2vec 2.0 speech (fairseq examples/data2vec/config/v2/base_audio_only_task.yaml; README "data2vec 2.0"). The batch:
+# 8 GPUs × 1M samples ≈ 8 × 5 LibriSpeech clips (mean 12.3 s) = 40 clips an update, × M = 8 masked copies
+SPEECH2_BASE = dict(version=2, layerdrop=0.05, top_k=8, target_layer='ffn', target_norm='instance', target_post_norm='none',
+                    mask_prob=0.5, mask_length=5, mask_adjust=0.05, clones=8, decoder_dim=384, decoder_layers=4,
+                    decoder_kernel=7, decoder_groups=16, ema_start=0.999, ema_end=0.99999, ema_anneal_steps=75_000,
+                    schedule='cosine', lr=7.5e-4, min_lr=0.0, weight_decay=0.01, adam_beta2=0.98, adam_eps=1e-6,
+                    warmup=8_000 / 400_000, steps=400_000, batch_size=40, micro_batch_size=5)
+# large (large_audio_only_task.yaml): 24 blocks (fairseq: 8 in the front-end + 16 shared, K 16 of the shared ones), M 12,
+# p 0.55, A 0.1, decoder C 768, no LayerDrop, τ 0.9997 → 1 over 300k, lr 4e-4, 10k warm-up, 600k updates, clip 1; its
+# composite optimizer applies optim_overrides: no weight decay on 1-D parameters (biases, norms, ALiBi scales)
+SPEECH2_LARGE = dict(SPEECH2_BASE, dim=1024, layers=24, heads=16, ffn_dim=4096, top_k=16, layerdrop=0.0, clones=12,
+                     mask_prob=0.55, mask_adjust=0.1, decoder_dim=768, ema_start=0.9997, ema_end=1.0, ema_anneal_steps=300_000,
+                     lr=4e-4, steps=600_000, warmup=10_000 / 600_000, clip=1.0, no_decay_1d=True)
+# tiny: SPEECH_TINY's model and data, base's mechanism: ≤ 5 min on 2 CPU cores
+SPEECH2_TINY = dict(SPEECH_TINY, **{k: SPEECH2_BASE[k] for k in ('version', 'target_post_norm', 'mask_prob', 'mask_length',
+                                                                  'mask_adjust', 'schedule', 'min_lr', 'adam_beta2', 'adam_eps')},
+                    decoder_dim=64, decoder_layers=4, decoder_kernel=7, decoder_groups=16, clones=8, ema_end=0.9999)
+PRESETS_V2 = {'speech': {'tiny': SPEECH2_TINY, 'small': dict(SPEECH2_TINY, **{k: PRESETS['speech']['small'][k] for k in (
+    'pos_conv_depth', 'steps', 'ema_anneal_steps', 'log_every', 'ckpt_every')}),   # v1 small's changes to tiny
+    'base': SPEECH2_BASE, 'large': SPEECH2_LARGE}}
+V2_ONLY = ('decoder_dim', 'decoder_layers', 'decoder_kernel', 'decoder_groups', 'mask_noise_std', 'decoder_dropout', 'clones',
+           'mask_adjust')
+V1_ONLY = ('pad', 'ema_front_end')                                     # v2: crops to the shortest clip; its own teacher split
+
 # flags that only one or two modalities have: anywhere else they are an error, not silently ignored
 ONLY = {'speech': ('crop', 'pad', 'crop_step', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'pos_conv_zero', 'layerdrop',
                    'feature_grad_mult', 'ema_front_end'),
@@ -212,8 +249,10 @@ def parse_train_args(argv=None):
     """train.py's flags → (ModelConfig, TrainConfig), the preset filled in, every value checked."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument('--modality', default='speech')
-    modality = pre.parse_known_args(argv)[0].modality
-    presets = PRESETS.get(modality, PRESETS['speech'])
+    pre.add_argument('--version', type=int, default=1)
+    known = pre.parse_known_args(argv)[0]
+    modality, version = known.modality, known.version
+    presets = (PRESETS_V2 if version == 2 else PRESETS).get(modality, PRESETS['speech'])
     p = argparse.ArgumentParser(description=f'data2vec pretraining. Every flag defaults to its --preset value (tiny unless '
                                             f'given); [base …, tiny …] shows them for --modality {modality}.')
 
@@ -225,8 +264,14 @@ def parse_train_args(argv=None):
     preset = args.get('preset', 'tiny')
     if modality not in PRESETS:
         p.error(f'--modality {modality}: choose from {", ".join(PRESETS)}')
+    if version not in (1, 2):
+        p.error(f'--version {version}: choose 1 or 2')
+    if version == 2 and modality not in PRESETS_V2:
+        p.error(f'--version 2: data2vec 2.0 is implemented for {", ".join(PRESETS_V2)} only so far, not {modality}')
     if preset not in presets:
-        p.error(f'--preset {preset}: choose from {", ".join(presets)}')
+        p.error(f'--preset {preset}: choose from {", ".join(presets)}' + (' (data2vec 2.0)' if version == 2 else ''))
+    for name in set(V2_ONLY if version == 1 else V1_ONLY) & set(args):
+        p.error(f'--{name.replace("_", "-")} is for --version {3 - version}; it does nothing for --version {version}')
     for other, names in ONLY.items():
         for name in set(names) & set(args) - set(ONLY[modality]):
             p.error(f'--{name.replace("_", "-")} is for --modality {other}; it does nothing for {modality}')
@@ -302,6 +347,11 @@ def check_config(mcfg, cfg, world=1):
         (cfg.device != 'cuda' or torch.cuda.is_available(), '--device cuda: no CUDA device is available'),
         (mcfg.dim % mcfg.heads == 0, f'--dim {mcfg.dim} must be divisible by --heads {mcfg.heads}'),
         (0 <= mcfg.layer_norm_eps < 1, f'--layer-norm-eps {mcfg.layer_norm_eps} must be in [0, 1)'),
+        (mcfg.version == 1 or (cfg.clones >= 1 and mcfg.decoder_layers >= 1 and mcfg.decoder_kernel >= 1 and
+                               mcfg.decoder_dim % mcfg.decoder_groups == 0 == mcfg.dim % mcfg.decoder_groups),
+         f'--clones, --decoder-layers, --decoder-kernel must be ≥ 1 and --decoder-dim, --dim divisible by --decoder-groups'),
+        (mcfg.version == 1 or (0 < cfg.mask_prob < 1 and cfg.mask_adjust >= 0),
+         f'--mask-prob {cfg.mask_prob} must be in (0, 1) and --mask-adjust {cfg.mask_adjust} ≥ 0 (data2vec 2.0)'),
         (mcfg.dim % mcfg.pos_conv_groups == 0, f'--dim {mcfg.dim} must be divisible by --pos-conv-groups {mcfg.pos_conv_groups}'),
         (all(0 <= p < 1 for p in (mcfg.dropout, mcfg.attn_dropout, mcfg.layerdrop)), 'dropouts must be in [0, 1)'),
         (cfg.workers >= 0, f'--workers {cfg.workers} must be ≥ 0'),

@@ -101,17 +101,23 @@ class SpeechFeatureEncoder(nn.Module):
 
     def forward(self, wav, padding_mask=None):
         """wav: (B, S); padding_mask: (B, S) bool or None. Returns (B, T, D) and the frame padding mask (B, T) or None."""
-        x = normalize_waveform(wav, padding_mask)
-        x = rearrange(x, 'b s -> b 1 s')
-        for layer in self.conv_layers:
-            x = layer(x)                                           # (B, C, S') … (B, C, T)
-        x = scale_grad(x, self.grad_mult)
-        x = self.projection(self.layer_norm(rearrange(x, 'b c t -> b t c')))  # (B, T, D)
+        x = self.project(self.convolve(wav, padding_mask))       # (B, T, D)
         if padding_mask is None:
             return x, None
         lengths = conv_output_length((~padding_mask).sum(-1))      # (B,) valid frames
         frame_padding = torch.arange(x.shape[1], device=x.device) >= lengths[:, None]  # (B, T)
         return x, frame_padding
+
+    def convolve(self, wav, padding_mask=None):
+        """The conv layers: (B, S) → (B, T, C)."""
+        x = rearrange(normalize_waveform(wav, padding_mask), 'b s -> b 1 s')
+        for layer in self.conv_layers:
+            x = layer(x)                                           # (B, C, S') … (B, C, T)
+        return rearrange(scale_grad(x, self.grad_mult), 'b c t -> b t c')
+
+    def project(self, x):
+        """LayerNorm(C) → Linear(C → D): (B, T, C) → (B, T, D)."""
+        return self.projection(self.layer_norm(x))
 
 
 class ConvPositionalEncoder(nn.Module):
@@ -151,8 +157,8 @@ class ALiBi(nn.Module):
         logits_hij += −max(s_h, 0) · m_h · |i − j|,   m_h = 2^(−8(h + 1)/H)  for H a power of 2
 
     (H = 12: the 8 slopes of H = 8, then every other slope of H = 16, as ALiBi's reference code). s_h starts at 1;
-    one scale vector for all blocks (fairseq learned_alibi_scale, per head, not per layer). forward(T) → (H, T, T);
-    the student's bias is then taken at the kept steps on both axes.
+    one scale vector for all blocks (fairseq learned_alibi_scale, per head, not per layer).
+    forward(positions (…, T) int) → (…, H, T, T): all steps (torch.arange(T)), or each row's visible steps (R, T_keep).
     """
 
     def __init__(self, heads):
@@ -160,10 +166,10 @@ class ALiBi(nn.Module):
         self.register_buffer('slopes', torch.tensor(alibi_slopes(heads)), persistent=False)   # (H,)
         self.scale = nn.Parameter(torch.ones(heads))
 
-    def forward(self, T):
-        t = torch.arange(T, device=self.slopes.device, dtype=self.slopes.dtype)
-        distance = (t[None, :] - t[:, None]).abs()                                                 # (T, T)
-        return -(self.scale.clamp_min(0) * self.slopes)[:, None, None] * distance               # (H, T, T)
+    def forward(self, positions):
+        t = positions.to(self.slopes.dtype)
+        distance = (t[..., None, :, None] - t[..., None, None, :]).abs()                   # (…, 1, T, T)
+        return -(self.scale.clamp_min(0) * self.slopes)[:, None, None] * distance         # (…, H, T, T)
 
 
 def alibi_slopes(heads):
@@ -282,20 +288,33 @@ class FrontEnd(nn.Module):
                        (the teacher's input is then the keyword arguments of that copy's forward);
                        False: the teacher shares the student's front-end and reads the tokens it made of the
                        unmasked input. Everything else of the teacher is averaged (teacher.Teacher).
+        shared         (averaged front-ends) names of submodules the teacher does not copy but shares: data2vec 2.0
+                       speech's feature encoder. teacher_tokens(teacher_input) → (tokens, padding) on the teacher's copy
         prefix         tokens the front-end puts before the data (CLS), which get no target
         pre_ln, input_norm, head_layers, finetune_frozen, norm_eps, layer_bias   the released model it belongs to
                        (model.Data2Vec, finetune.py); norm_eps: its LayerNorms' ε unless cfg.layer_norm_eps sets one;
                        layer_bias: a relative position bias per block (its grid), or None
     """
-    averaged, prefix = False, 0
+    averaged, shared, prefix = False, (), 0
     pre_ln, input_norm, head_layers, finetune_frozen, norm_eps, layer_bias = False, True, 1, (), 1e-5, None
 
     def attention(self, x, padding_mask=None, window=0):
         return attention_mask(padding_mask, x.shape[1], window, x.device)
 
+    def teacher_tokens(self, teacher_input):
+        """On the teacher's copy of an averaged front-end: its input (the raw input's keywords) → (tokens, padding)."""
+        x, padding, _ = self(**teacher_input)
+        return x, padding
+
 
 class SpeechFrontEnd(FrontEnd):
     """wav2vec 2.0's front-end, data2vec speech v1: feature encoder → mask embedding → conv positional encoder.
+
+    data2vec 2.0 (cfg.version 2, fairseq modalities/audio.py): no mask embedding (masked frames are zeroed: fairseq
+    encoder_zero_mask), the student reads the visible frames only (`visible`), and an ALiBi bias with a learned scale
+    per head joins the positional conv. The teacher shares the feature encoder (fairseq make_target_model drops the
+    local encoder and project_features from its copy) and averages the positional conv and the ALiBi scales: it
+    reads the student's features of the unmasked input through its own positional conv (`teacher_tokens`).
 
     Shared with the teacher (paper: 'share the parameters of the feature encoder and the positional encoder'; fairseq
     `ema_transformer_only`, `ema_layers_only`): the teacher reads the positional encoder's output for the unmasked
@@ -307,11 +326,14 @@ class SpeechFrontEnd(FrontEnd):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.averaged = cfg.ema_front_end                                      # fairseq ema_transformer_only False
+        self.averaged = cfg.ema_front_end or cfg.version == 2                  # fairseq ema_transformer_only False
+        self.shared = ('feature_encoder',) if cfg.version == 2 else ()
         self.feature_encoder = SpeechFeatureEncoder(cfg.conv_dim, cfg.dim, cfg.feature_grad_mult, cfg.layer_norm_eps or self.norm_eps)
-        self.mask_emb = nn.Parameter(torch.empty(cfg.dim).uniform_())          # fairseq: uniform_() in [0, 1)
+        if cfg.version == 1:
+            self.mask_emb = nn.Parameter(torch.empty(cfg.dim).uniform_())      # fairseq: uniform_() in [0, 1)
         self.pos_encoder = ConvPositionalEncoder(cfg.dim, cfg.pos_conv_depth, cfg.pos_conv_kernel, cfg.pos_conv_groups,
                                                  cfg.pos_conv_zero)
+        self.alibi = ALiBi(cfg.heads) if cfg.version == 2 else None
 
     def forward(self, source, padding_mask=None, mask=None, teacher=False, channel_mask=None):
         """source (B, S), padding_mask (B, S), mask (B, T) → tokens (B, T, D), frame padding (B, T) or None, and the
@@ -323,9 +345,34 @@ class SpeechFrontEnd(FrontEnd):
                 self.pos_encoder(x, padding)
         if channel_mask is not None:
             x = x.masked_fill(channel_mask[:, None, :], 0.0)
-        if mask is not None:
-            x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)    # masked frames → the mask embedding
+        if mask is not None:                                                  # masked frames → the mask embedding (v2: 0)
+            x = torch.where(mask[..., None], self.mask_emb.to(x.dtype) if self.alibi is None else 0.0, x)
         return self.pos_encoder(x, padding), padding, teacher_input
+
+    def attention(self, x, padding_mask=None, window=0):
+        """v1: the boolean mask of padding and window. v2: the ALiBi bias (H, T, T), −∞ where that mask hides a key."""
+        allowed = attention_mask(padding_mask, x.shape[1], window, x.device)  # (B, 1, T, T), (T, T) or None
+        if self.alibi is None:
+            return allowed
+        bias = self.alibi(torch.arange(x.shape[1], device=x.device))         # (H, T, T)
+        return bias if allowed is None else bias.masked_fill(~allowed, float('-inf'))
+
+    def visible(self, features, mask, ids_keep):
+        """data2vec 2.0's student input (fairseq encoder_zero_mask): masked frames zeroed, the positional conv over the
+        whole length, then the visible frames only, with the ALiBi bias between them.
+        features (R, T, D), mask (R, T), ids_keep (R, T_keep) → tokens (R, T_keep, D), bias (R, H, T_keep, T_keep)."""
+        x = self.pos_encoder(features.masked_fill(mask[..., None], 0.0))      # (R, T, D): x + g(x), g sees no masked frame
+        x = x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))      # (R, T_keep, D)
+        bias = self.alibi(ids_keep)                                           # (R, H, T_keep, T_keep): true distances
+        if torch.is_autocast_enabled(x.device.type):                          # cast once here, not in every block
+            bias = bias.to(torch.get_autocast_dtype(x.device.type))           # (fairseq adds it in fp32: DEVIATIONS.md 44)
+        return x, bias
+
+    def teacher_tokens(self, teacher_input):
+        """v2, on the teacher's copy: the student's features of the unmasked input (B, T, D) → its own positional conv."""
+        if self.alibi is None:
+            return super().teacher_tokens(teacher_input)
+        return self.pos_encoder(teacher_input), None
 
 
 class ImageFrontEnd(FrontEnd):

@@ -32,7 +32,7 @@ from config import PRESETS, FinetuneConfig, ModelConfig, fill_recipe, lr_at, par
 from data import DataError, MicroBatches, batches
 from data.labelled import load_data
 from data.speech import CTC_VOCAB
-from model import Data2Vec, trunc_normal_
+from model import build_student, trunc_normal_
 from released import is_released, load_released
 from teacher import Teacher
 
@@ -95,7 +95,7 @@ def build_backbone(mcfg, ckpt, cfg):
     EMA teacher's for the parts it averages, with --use-teacher: its keys are the student's)."""
     mcfg.drop_path = cfg.drop_path if cfg.drop_path >= 0 else mcfg.drop_path
     mcfg.layerdrop = cfg.layerdrop if cfg.layerdrop >= 0 else mcfg.layerdrop
-    model = Data2Vec(mcfg)
+    model = build_student(mcfg)
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt['student'], strict='released' not in ckpt)   # released: checked by released.py
@@ -108,7 +108,7 @@ def build_backbone(mcfg, ckpt, cfg):
         except RuntimeError as e:
             raise DataError(f'--init {cfg.init}: the weights do not fit the architecture in its config '
                             f'({str(e).splitlines()[1].strip()[:200]})') from None
-    del model.regression_head                                                 # pretraining only
+    delattr(model, model.head)                                                # pretraining only: the head or decoder
     return model
 
 

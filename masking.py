@@ -130,6 +130,14 @@ def block_mask_1d(rows, L, mask_prob=0.5, span=5, adjust=0.05, generator=None):
     return exact_count(mask, int(L * mask_prob), generator)
 
 
+def visible_order(mask):
+    """data2vec 2.0: the order that puts the visible steps first. mask (R, T) bool, the same count n in every row →
+    ids_keep (R, T − n), the visible steps in time order; ids_restore (R, T), which puts [visible, masked] back in time
+    order. Computed with the masks, in the data pipeline on the CPU, so the model needs no count from the device."""
+    ids_shuffle = mask.int().argsort(dim=1, stable=True)                        # (R, T): visible steps, then masked
+    return ids_shuffle[:, :mask.shape[1] - int(mask[0].sum())], ids_shuffle.argsort(1)
+
+
 def token_mask(tokens, mask_id, ordinary, prob=0.15, span=1, random_prob=0.1, leave_prob=0.1, generator=None):
     """Text masking (fairseq MaskTokensDataset) → (corrupted tokens (B, T), mask (B, T) bool).
 

@@ -216,6 +216,11 @@ class Data2Vec(nn.Module):
                                    cfg.layer_norm_eps or self.front_end.norm_eps, self.front_end.layer_bias)
         if self.front_end.pre_ln:
             init_beit_(self.front_end, self.encoder)
+        self.make_head(cfg)
+
+    head = 'regression_head'                                                     # pretraining only (finetune.py drops it)
+
+    def make_head(self, cfg):
         if self.front_end.head_layers == 2:
             self.regression_head = nn.Sequential(nn.Linear(cfg.dim, 2 * cfg.dim), nn.GELU(), nn.Linear(2 * cfg.dim, cfg.dim))
             self.regression_head.apply(init_bert_params)
@@ -244,15 +249,38 @@ class Data2Vec(nn.Module):
         return self.regression_head(x[:, self.front_end.prefix:]), teacher_input, padding
 
     def num_params(self, head=False):
-        return sum(p.numel() for n, p in self.named_parameters() if head or not n.startswith('regression_head'))
+        return sum(p.numel() for n, p in self.named_parameters() if head or not n.startswith(self.head + '.'))
 
 
-def visible_order(mask):
-    """data2vec 2.0: the order that puts the visible steps first. mask (R, T) bool, the same count n in every row →
-    ids_keep (R, T − n), the visible steps in time order; ids_restore (R, T), which puts [visible, masked] back in time
-    order. Computed with the masks (in the data pipeline, on the CPU), so the model needs no count from the device."""
-    ids_shuffle = mask.int().argsort(dim=1, stable=True)                        # (R, T): visible steps, then masked
-    return ids_shuffle[:, :mask.shape[1] - int(mask[0].sum())], ids_shuffle.argsort(1)
+class Data2Vec2(Data2Vec):
+    """data2vec 2.0's student (Baevski et al., 2023; fairseq data2vec2.py): M masked copies of each sample, the blocks
+    on the visible steps only, a conv decoder in place of the regression head.
+
+        source ─ front_end.feature_encoder: features (B, T, D), once per sample ─ × M (R = B·M rows)
+               ─ front_end.visible: masked steps dropped ─ encoder: L blocks on T_keep steps ─ decoder → (R, T, D)
+
+    The teacher reads the features of the unmasked input, once per sample (train.forward_loss repeats its targets M
+    times). encode() is Data2Vec's: the whole input, for fine-tuning and probes.
+    """
+    head = 'decoder'
+
+    def make_head(self, cfg):
+        self.decoder = ConvDecoder(cfg.dim, cfg.decoder_dim, cfg.decoder_layers, cfg.decoder_kernel, cfg.decoder_groups,
+                                   input_dropout=cfg.decoder_dropout, noise_std=cfg.mask_noise_std)
+
+    def forward(self, source, mask, ids_keep, ids_restore, padding_mask=None):
+        """source (B, S), mask (R, T) bool with rows b·M … b·M + M − 1 for sample b, ids_keep (R, T_keep), ids_restore
+        (R, T) (masking.visible_order) → pred (R, T, D), the teacher's input: the features (B, T, D), padding None."""
+        features, _ = self.front_end.feature_encoder(source)                    # (B, T, D): one pass for all M copies
+        x = features.repeat_interleave(mask.shape[0] // source.shape[0], 0)      # (R, T, D)
+        x, bias = self.front_end.visible(x, mask, ids_keep)                      # (R, T_keep, D), (R, H, T_keep, T_keep)
+        x, _ = self.encoder(x, bias)                                             # (R, T_keep, D)
+        return self.decoder(x, ids_restore), features.detach(), None            # (R, T, D)
+
+
+def build_student(cfg: ModelConfig):
+    """The student of cfg.version: Data2Vec (1) or Data2Vec2 (2)."""
+    return (Data2Vec2 if cfg.version == 2 else Data2Vec)(cfg)
 
 
 class ConvDecoder(nn.Module):

@@ -28,7 +28,8 @@ class Teacher(nn.Module):
 
     It always averages the student's Transformer. It averages the front-end too where the front-end says so
     (`averaged`: vision, BEiT's EMA of the whole model; speech with --ema-front-end) and then reads the raw input
-    through its own copy. Otherwise
+    through its own copy, less the parts the front-end shares (`shared`: data2vec 2.0 speech's feature encoder,
+    whose features it reads). Otherwise
     the front-end is shared (speech: the feature and positional encoders, paper; text: the embeddings, fairseq): the
     teacher reads the tokens the student's front-end made of the unmasked input, and is handed that front-end when
     it runs (`front_end=`) for where positions enter the attention. Its state dict's keys are the student's.
@@ -36,15 +37,22 @@ class Teacher(nn.Module):
 
     def __init__(self, student):
         super().__init__()
-        self.front_end = make_teacher(student.front_end) if student.front_end.averaged else None
+        self.front_end = None
+        if student.front_end.averaged:
+            self.front_end = make_teacher(student.front_end)
+            for name in student.front_end.shared:                              # data2vec 2.0 speech: the feature encoder
+                parent, _, child = name.rpartition('.')
+                delattr(self.front_end.get_submodule(parent), child)
         self.encoder = make_teacher(student.encoder)
         assert list(self.state_dict()) == list(self.averaged_part(student).state_dict()), 'teacher and student must pair up'
 
     @staticmethod
     def averaged_part(student):
         """The student modules this teacher follows, under the same names and in the same order (ema_update_)."""
-        parts = dict(front_end=student.front_end) if student.front_end.averaged else {}
+        front_end = without(student.front_end, student.front_end.shared)
+        parts = dict(front_end=front_end) if student.front_end.averaged else {}
         return nn.ModuleDict(dict(parts, encoder=student.encoder))
+
 
     def forward(self, x, padding_mask=None, tap='ffn', window=0, front_end=None):
         """x: the raw input as keywords of the front-end's forward (averaged front-end: dict(source=…)) or, for a
@@ -52,9 +60,25 @@ class Teacher(nn.Module):
         `front_end` made of the unmasked input → the chosen tap of every block, (B, T, D) each, without the prefix (CLS)."""
         if self.front_end is not None:
             front_end = self.front_end
-            x, padding_mask, _ = front_end(**x)                               # the raw input's keywords → (B, T', D)
+            x, padding_mask = front_end.teacher_tokens(x)                     # its own copy → (B, T', D)
         _, taps = self.encoder(x, front_end.attention(x, padding_mask, window), tap)
         return [t[:, front_end.prefix:] for t in taps]
+
+
+def without(module, names):
+    """A view of `module` (the same parameter and buffer tensors, the same names) less the submodules `names`
+    ('feature_encoder', or a dotted path): what the teacher's pruned copy pairs up with, key for key."""
+    if not names:
+        return module
+    view = nn.Module()
+    for n, p in module.named_parameters(recurse=False):
+        view.register_parameter(n, p)
+    for n, b in module.named_buffers(recurse=False):
+        view.register_buffer(n, b, persistent=n not in module._non_persistent_buffers_set)
+    for n, child in module.named_children():
+        if n not in names:
+            view.add_module(n, without(child, [x.split('.', 1)[1] for x in names if x.startswith(n + '.')]))
+    return view
 
 
 def make_teacher(module):

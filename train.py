@@ -24,7 +24,7 @@ import data
 from checkpoint import CheckpointError, RunState, StopSignal, ignore_stop_signals, resume_changes, seed_all, update_is_finite
 from config import UNCHANGED_DEFAULTS, ModelConfig, check_config, lr_at, parse_train_args, pick_device, to_device
 from data import DataError, batches
-from model import Data2Vec, regression_loss
+from model import build_student, regression_loss
 from released import load_released
 from teacher import Teacher, ema_decay_at, ema_update_, teacher_targets
 
@@ -78,11 +78,14 @@ def update_stds(stats, ddp):
 def forward_loss(model, teacher, batch, cfg):
     """The data2vec objective on one micro-batch: the student, fed the masked input, regresses at the
     masked steps the teacher's average of its top-K normalised blocks for the unmasked input.
-    batch: the data module's dict (source, mask, and padding_mask or original where a modality has them)."""
-    mask = batch['mask']                                                          # (B, T) bool, True = masked
-    pred, teacher_input, padding = model(**batch)                                 # (B, T, D); what the teacher reads
+    batch: the data module's dict (source, mask, and padding_mask or original where a modality has them; data2vec 2.0:
+    ids_keep, ids_restore, and M = R / B masked copies of each sample, whose targets are the sample's: one teacher pass)."""
+    mask = batch['mask']                                                          # (R, T) bool, True = masked; R = B·M
+    pred, teacher_input, padding = model(**batch)                                 # (R, T, D); what the teacher reads
     y = teacher_targets(teacher, teacher_input, padding, cfg.target_layer, cfg.top_k, cfg.target_norm,
                         cfg.teacher_context, cfg.target_post_norm, unwrap(model).front_end)   # (B, T, D) fp32, no grad
+    if y.shape[0] != pred.shape[0]:                                               # data2vec 2.0: M copies share them
+        y = y.repeat_interleave(pred.shape[0] // y.shape[0], 0)                   # (R, T, D)
     scale = {0: None, -1: 1 / pred.shape[-1]}.get(cfg.loss_scale, cfg.loss_scale)  # None: 1/√D
     loss = regression_loss(pred, y, mask, cfg.loss_beta, scale)
     return loss, dict(target_moments=masked_moments(y, mask), pred_moments=masked_moments(pred.detach().float(), mask))
@@ -144,7 +147,7 @@ def build(mcfg, cfg, device, cuda, weights=None):
     fused on CUDA, foreach on the CPU) and the loss function, compiled with --compile. train.main and bench.py both
     build with this."""
     torch.manual_seed(cfg.seed)
-    model = Data2Vec(mcfg)
+    model = build_student(mcfg)
     if weights is not None:
         model.load_state_dict(weights, strict=False)                  # checked by released.py: all but the head
     model = model.to(device)
@@ -234,8 +237,10 @@ def main(argv=None):
     if run.master:
         print(f'torch {torch.__version__} on {device} × {world}; {len(dataset)} {mcfg.modality} samples '
               f'({cfg.data or "embedded synthetic set"}); batch {cfg.batch_size} = {cfg.micro_batch_size} × {accum} accumulation × {world}')
-        print(f'student: {model.num_params() / 1e6:.2f} M parameters + regression head {(model.num_params(True) - model.num_params()) / 1e6:.2f} M; '
-              f'teacher (EMA of the Transformer{" and the front-end" if teacher.front_end is not None else ""}): '
+        shared = ', less its ' + ', '.join(unwrap(model).front_end.shared) if unwrap(model).front_end.shared else ''
+        print(f'data2vec {"2.0" if mcfg.version == 2 else "v1"}: student {model.num_params() / 1e6:.2f} M parameters + '
+              f'{model.head.replace("_", " ")} {(model.num_params(True) - model.num_params()) / 1e6:.2f} M; teacher (EMA of the '
+              f'Transformer{" and the front-end" + shared if teacher.front_end is not None else ""}): '
               f'{sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M')
     if ddp:
         model = DDP(model, device_ids=[device.index] if cuda else None)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from data import DataError, Repeat
 from encoders import conv_output_length
-from masking import span_mask
+from masking import block_mask_1d, span_mask, visible_order
 
 SR = 16_000
 MIN_SECONDS = 0.25                      # shorter files are left out of pretraining (12 frames)
@@ -266,22 +266,37 @@ def pretraining_data(mcfg, cfg, resume_dir=None):
     """(dataset, collate) for train.py: --data (an AudioFolder) or the embedded corpus."""
     dataset = (AudioFolder(cfg.data, min_samples=int(MIN_SECONDS * SR), strict=cfg.strict_data) if cfg.data else
                SyntheticSpeech(seed=0))
-    return dataset, partial(collate, cfg=cfg)
+    return dataset, partial(collate_v2 if mcfg.version == 2 else collate, cfg=cfg)
 
 
-def collate(items, cfg, generator=None):
-    """Items → dict(source (B, S), padding_mask (B, S) or None, mask (B, T)), every random draw from `generator`.
-
-    Crops of the shortest clip's length rounded down to --crop-step (fairseq crops every clip to the shortest, so
-    nothing is padded; the rounding bounds the shapes torch.compile meets), or ≤ --crop and padded (--pad); span masks.
-    """
+def crop(items, cfg, generator=None):
+    """Crops of the shortest clip's length rounded down to --crop-step (fairseq crops every clip to the shortest, so
+    nothing is padded; the rounding bounds the shapes torch.compile meets), or ≤ --crop and padded (--pad).
+    → source (B, S), padding_mask (B, S)."""
     waves = [w for w, _ in items]
     shortest = min(len(w) for w in waves)
     longest = cfg.crop if cfg.pad else min(cfg.crop, shortest // cfg.crop_step * cfg.crop_step or shortest)
-    source, padding_mask = crop_and_pad(waves, longest, generator)        # (B, S)
+    return crop_and_pad(waves, longest, generator)
+
+
+def collate(items, cfg, generator=None):
+    """Items → dict(source (B, S), padding_mask (B, S) or None, mask (B, T)), every random draw from `generator`:
+    crops, then span masks."""
+    source, padding_mask = crop(items, cfg, generator)                   # (B, S)
     frames = conv_output_length((~padding_mask).sum(1))                   # (B,) valid frames
     mask = span_mask(frames, conv_output_length(source.shape[1]), cfg.mask_prob, cfg.mask_length, generator=generator)
     return dict(source=source, padding_mask=padding_mask if padding_mask.any() else None, mask=mask)
+
+
+def collate_v2(items, cfg, generator=None):
+    """data2vec 2.0: items → dict(source (B, S), mask (B·M, T), ids_keep (B·M, T_keep), ids_restore (B·M, T)):
+    crops as collate (never padded), then M = --clones block masks per clip (rows b·M … b·M + M − 1 are clip b's),
+    each with exactly int(T·p) masked frames, and the order that keeps the visible ones."""
+    source, _ = crop(items, cfg, generator)                              # (B, S), no padding (--pad is v1's)
+    mask = block_mask_1d(len(items) * cfg.clones, conv_output_length(source.shape[1]), cfg.mask_prob, cfg.mask_length,
+                         cfg.mask_adjust, generator)                      # (B·M, T)
+    ids_keep, ids_restore = visible_order(mask)
+    return dict(source=source, mask=mask, ids_keep=ids_keep, ids_restore=ids_restore)
 
 
 def bench_data(mcfg, cfg, size, seconds, seed=0):
@@ -290,7 +305,8 @@ def bench_data(mcfg, cfg, size, seconds, seed=0):
     samples = round(seconds * SR)
     cfg.crop = max(samples, SR)
     pool = 0.1 * torch.randn(4 * cfg.batch_size, samples, generator=torch.Generator().manual_seed(seed))   # (n, S)
-    return Repeat(pool, '', size), partial(collate, cfg=cfg), dict(seconds=seconds, tokens_per_sample=conv_output_length(samples))
+    return (Repeat(pool, '', size), partial(collate_v2 if mcfg.version == 2 else collate, cfg=cfg),
+            dict(seconds=seconds, tokens_per_sample=conv_output_length(samples)))
 
 
 # ---------------------------------------------------------------------------------------------- labelled (fine-tuning)

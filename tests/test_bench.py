@@ -2,12 +2,14 @@
 import json
 
 import pytest
+import torch
 
 import bench
 import train
 
 TINY = ['--preset', 'tiny', '--batch-size', '4', '--steps', '2', '--warmup', '1', '--workers', '0']
 KEYS = {'bench', 'modality', 'preset', 'version', 'compile', 'batch', 'seconds', 'tokens_per_sample', 'step_ms', 'samples_per_s',
+        'student_blocks_fwd_tflop', 'teacher_blocks_fwd_tflop', 'decoder_fwd_tflop',
         'tokens_per_s', 'step_tflop', 'mfu', 'peak_mem_gb', 'data_frac', 'host_syncs', 'loss', 'skipped_updates', 'device', 'torch'}
 
 
@@ -20,12 +22,18 @@ def run(capsys, *flags):
 
 
 @pytest.mark.parametrize('modality, flags, tokens', [('speech', ['--seconds', '1'], 49),    # 16000 samples → 49 frames
+                                                      ('speech', ['--seconds', '1', '--version', '2'], 49),
                                                       ('vision', [], 64),                    # 32² images in 4² patches
                                                       ('text', [], 64)])                     # blocks of 64 tokens
 def test_one_json_line_with_consistent_numbers(capsys, modality, flags, tokens):
     r = run(capsys, '--modality', modality, '--peak', '1e9', *flags)
     assert KEYS <= set(r)
-    assert r['bench'] == 'data2vec-reference' and r['modality'] == modality and r['preset'] == 'tiny' and r['version'] == 1
+    assert r['bench'] == 'data2vec-reference' and r['modality'] == modality and r['preset'] == 'tiny'
+    assert r['version'] == (2 if '--version' in flags else 1)
+    assert r['student_blocks_fwd_tflop'] > 0 and r['teacher_blocks_fwd_tflop'] > 0
+    assert (r['decoder_fwd_tflop'] > 0) == (r['version'] == 2)                  # data2vec 2.0's decoder, v1's head
+    if r['version'] == 1:
+        assert r['student_blocks_fwd_tflop'] == r['teacher_blocks_fwd_tflop']  # the same blocks on the same T steps
     assert r['batch'] == 4 and r['compile'] is False and r['tokens_per_sample'] == tokens
     assert r['seconds'] == (1.0 if modality == 'speech' else None)
     assert r['step_ms'] > 0 and r['step_tflop'] > 0 and r['loss'] > 0 and r['skipped_updates'] == 0
@@ -61,6 +69,19 @@ def test_profile_prints_the_ops_of_three_more_steps(capsys, monkeypatch):
     assert len(calls) == 1 + 2 + 3 + 1                                 # warmup + steps + 3 profiled + the FLOP step
 
 
+@pytest.mark.parametrize('groups', [1, 16])
+def test_convolution_backward_counts_grouped_convolutions_as_grouped(groups):
+    """The positional conv (16 groups): forward 2 · N · T · C_out · C_in/groups · k; backward the same again for the
+    input gradient and for the weight gradient, counted by hand here."""
+    from torch.utils.flop_counter import FlopCounterMode
+    conv = torch.nn.Conv1d(128, 128, 19, padding=9, groups=groups)
+    x = torch.randn(8, 128, 49, requires_grad=True)
+    with FlopCounterMode(display=False, custom_mapping=bench.CORRECTED) as counter:
+        conv(x).sum().backward()
+    forward = 2 * 8 * 49 * 128 * (128 // groups) * 19
+    assert counter.get_total_flops() == 3 * forward
+
+
 @pytest.mark.parametrize('attn_dropout, attn_backward', [(0.0, 2.5), (0.1, 2.0)])
 def test_flops_match_the_matmul_count(capsys, monkeypatch, attn_dropout, attn_backward):
     """Text (embeddings are lookups, no conv): every FLOP is a Linear or attention, counted by hand here.
@@ -70,7 +91,7 @@ def test_flops_match_the_matmul_count(capsys, monkeypatch, attn_dropout, attn_ba
     The teacher runs all L blocks forward (top-K only picks taps). The student runs them and the head forward and
     backward: 2× for every Linear, the input and weight gradients, the first block's input gradient included (the
     embedding is trained). Attention backward: the fused kernels recompute the scores, 5 matmuls, 2.5× (torch's
-    formula for CUDA's flash/efficient/cudnn kernels; bench.CPU_ATTENTION charges the CPU fused kernel the same,
+    formula for CUDA's flash/efficient/cudnn kernels; bench.CORRECTED charges the CPU fused kernel the same,
     torch charges it nothing). With attention dropout the CPU falls back to SDPA's math path: 4 bmm, 2×. The teacher
     (eval) never drops. LayerNorm, GELU, softmax, the loss, Adam and the EMA are not counted: the match is exact.
     """
@@ -94,7 +115,8 @@ def test_flops_match_the_matmul_count(capsys, monkeypatch, attn_dropout, attn_ba
     assert r['step_tflop'] == pytest.approx((teacher + student) / 1e12, rel=1e-3)
 
 
-@pytest.mark.parametrize('flags, words', [(['--version', '2'], '--version 2: data2vec 2.0 is not implemented yet'),
+@pytest.mark.parametrize('flags, words', [(['--version', '3'], '--version 3: choose 1 or 2'),
+                                          (['--version', '2', '--modality', 'text'], 'implemented for speech only so far'),
                                           (['--steps', '0'], '--steps 0 must be ≥ 1'),
                                           (['--warmup', '-1'], '--warmup -1 must be ≥ 0'),
                                           (['--seconds', '0'], '--seconds 0.0 must be'),

@@ -28,7 +28,9 @@ TINY = ['--dim', '32', '--layers', '2', '--heads', '2', '--ffn-dim', '64', '--to
         '--micro-batch-size', '2', '--workers', '0']
 FLAGS = {'speech': TINY + ['--conv-dim', '16', '--crop', '16000'],
          'vision': ['--modality', 'vision'] + TINY,
-         'text': ['--modality', 'text'] + TINY + ['--vocab-size', '5000', '--block-size', '32']}
+         'text': ['--modality', 'text'] + TINY + ['--vocab-size', '5000', '--block-size', '32'],
+         'speech-v2': ['--version', '2'] + TINY + ['--conv-dim', '16', '--crop', '16000', '--clones', '2', '--decoder-dim', '16',
+                                                   '--decoder-groups', '2']}
 # train.main(argv) in a child process that SIGKILLs itself when update `at` (0-based) begins
 KILL_AT_UPDATE = """
 import os, signal, sys
@@ -74,7 +76,7 @@ def assert_one_line_error(r, *words):
 
 
 # ---------------------------------------------------------------------------------------------- SIGKILL and exact resume
-@pytest.mark.parametrize('modality', ['speech', 'vision', 'text'])
+@pytest.mark.parametrize('modality', ['speech', 'vision', 'text', 'speech-v2'])
 def test_resume_after_sigkill_logs_exactly_the_uninterrupted_losses(tmp_path, modality):
     """SIGKILL at update 7 of 10 (checkpoint at 4, log lines every 3, so the checkpoint falls inside a log interval);
     --resume redoes 5..10. Every logged loss and std, and the final weights, teacher and Adam state, are bit-identical
@@ -86,7 +88,7 @@ def test_resume_after_sigkill_logs_exactly_the_uninterrupted_losses(tmp_path, mo
     assert killed.returncode == -signal.SIGKILL
     assert [r['step'] for r in lines(tmp_path / 'cut')] == [3, 6]                  # 6 is after the checkpoint: redone
     assert torch.load(tmp_path / 'cut' / 'checkpoint.pt', weights_only=True)['step'] == 4
-    workers = ['--workers', '1'] if modality == 'speech' else []
+    workers = ['--workers', '1'] if modality.startswith('speech') else []
     r = cli('train.py', *args, '--out', str(tmp_path / 'cut'), '--resume', *workers)
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'resuming' in r.stdout and 'at step 4 of 10' in r.stdout
