@@ -13,6 +13,9 @@ The modality lives in the front-end (encoders.py); this file has no modality bra
 The blocks are the released models': post-LN for speech and text (wav2vec 2.0 / fairseq, RoBERTa), BEiT's
 pre-LN blocks with LayerScale for vision (data2vec vision v1). All expose the same block taps.
 
+data2vec 2.0 (Baevski et al., 2023; --version 2, speech so far) is Data2Vec2: the same front-end and blocks, but the
+blocks see the visible steps only, of M masked copies of each sample, and a ConvDecoder replaces the regression head.
+
 Legend:  B batch · S waveform samples · T time steps (frames, tokens, or image patches N) · D model width
          H heads · L blocks · K top-K target blocks · M masked steps.
 Mask convention (masking.py): mask is bool (B, T), True = masked.
@@ -252,37 +255,6 @@ class Data2Vec(nn.Module):
         return sum(p.numel() for n, p in self.named_parameters() if head or not n.startswith(self.head + '.'))
 
 
-class Data2Vec2(Data2Vec):
-    """data2vec 2.0's student (Baevski et al., 2023; fairseq data2vec2.py): M masked copies of each sample, the blocks
-    on the visible steps only, a conv decoder in place of the regression head.
-
-        source ─ front_end.feature_encoder: features (B, T, D), once per sample ─ × M (R = B·M rows)
-               ─ front_end.visible: masked steps dropped ─ encoder: L blocks on T_keep steps ─ decoder → (R, T, D)
-
-    The teacher reads the features of the unmasked input, once per sample (train.forward_loss repeats its targets M
-    times). encode() is Data2Vec's: the whole input, for fine-tuning and probes.
-    """
-    head = 'decoder'
-
-    def make_head(self, cfg):
-        self.decoder = ConvDecoder(cfg.dim, cfg.decoder_dim, cfg.decoder_layers, cfg.decoder_kernel, cfg.decoder_groups,
-                                   input_dropout=cfg.decoder_dropout, noise_std=cfg.mask_noise_std)
-
-    def forward(self, source, mask, ids_keep, ids_restore, padding_mask=None):
-        """source (B, S), mask (R, T) bool with rows b·M … b·M + M − 1 for sample b, ids_keep (R, T_keep), ids_restore
-        (R, T) (masking.visible_order) → pred (R, T, D), the teacher's input: the features (B, T, D), padding None."""
-        features, _ = self.front_end.feature_encoder(source)                    # (B, T, D): one pass for all M copies
-        x = features.repeat_interleave(mask.shape[0] // source.shape[0], 0)      # (R, T, D)
-        x, bias = self.front_end.visible(x, mask, ids_keep)                      # (R, T_keep, D), (R, H, T_keep, T_keep)
-        x, _ = self.encoder(x, bias)                                             # (R, T_keep, D)
-        return self.decoder(x, ids_restore), features.detach(), None            # (R, T, D)
-
-
-def build_student(cfg: ModelConfig):
-    """The student of cfg.version: Data2Vec (1) or Data2Vec2 (2)."""
-    return (Data2Vec2 if cfg.version == 2 else Data2Vec)(cfg)
-
-
 class ConvDecoder(nn.Module):
     """data2vec 2.0's decoder (fairseq Decoder1d): from the student's output at the visible steps, a prediction at
     every step.
@@ -314,6 +286,37 @@ class ConvDecoder(nn.Module):
             y = conv_ln_gelu(conv, h)                                            # (R, C, T)
             h = y + h if self.residual and y.shape == h.shape else y
         return self.proj(rearrange(h, 'r c t -> r t c'))                       # (R, T, D)
+
+
+class Data2Vec2(Data2Vec):
+    """data2vec 2.0's student (Baevski et al., 2023; fairseq data2vec2.py): M masked copies of each sample, the blocks
+    on the visible steps only, a conv decoder in place of the regression head.
+
+        source ─ front_end.feature_encoder: features (B, T, D), once per sample ─ × M (R = B·M rows)
+               ─ front_end.visible: masked steps dropped ─ encoder: L blocks on T_keep steps ─ decoder → (R, T, D)
+
+    The teacher reads the features of the unmasked input, once per sample (train.forward_loss repeats its targets M
+    times). encode() is Data2Vec's: the whole input, for fine-tuning and probes.
+    """
+    head = 'decoder'
+
+    def make_head(self, cfg):
+        self.decoder = ConvDecoder(cfg.dim, cfg.decoder_dim, cfg.decoder_layers, cfg.decoder_kernel, cfg.decoder_groups,
+                                   input_dropout=cfg.decoder_dropout, noise_std=cfg.mask_noise_std)
+
+    def forward(self, source, mask, ids_keep, ids_restore, padding_mask=None):
+        """source (B, S), mask (R, T) bool with rows b·M … b·M + M − 1 for sample b, ids_keep (R, T_keep), ids_restore
+        (R, T) (masking.visible_order) → pred (R, T, D), the teacher's input: the features (B, T, D), padding None."""
+        features, _ = self.front_end.feature_encoder(source)                    # (B, T, D): one pass for all M copies
+        x = features.repeat_interleave(mask.shape[0] // source.shape[0], 0)      # (R, T, D)
+        x, bias = self.front_end.visible(x, mask, ids_keep)                      # (R, T_keep, D), (R, H, T_keep, T_keep)
+        x, _ = self.encoder(x, bias)                                             # (R, T_keep, D)
+        return self.decoder(x, ids_restore), features.detach(), None            # (R, T, D)
+
+
+def build_student(cfg: ModelConfig):
+    """The student of cfg.version: Data2Vec (1) or Data2Vec2 (2)."""
+    return (Data2Vec2 if cfg.version == 2 else Data2Vec)(cfg)
 
 
 def regression_loss(pred, target, mask, beta=0.0, scale=None):
