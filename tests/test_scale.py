@@ -47,7 +47,8 @@ def step(model, teacher, *rest):
     return out
 train.train_step = step
 train.main(sys.argv[1:])
-print('teacher checks:', len(checks))
+sys.stdout.write('teacher checks: %d\\n' % len(checks))   # one write: the two ranks' lines cannot interleave
+sys.stdout.flush()
 """
 
 
