@@ -134,7 +134,7 @@ def test_counts_blocks_see_the_visible_steps_and_the_teacher_runs_once():
     assert teacher_rows == [(4, T, 32)]                                              # one pass, once per clip, all T steps
 
 
-def test_v2_loss_equals_a_recomputation_with_repeated_targets():
+def test_v2_loss_equals_a_recomputation_with_repeated_targets(monkeypatch):
     """forward_loss against targets built here: the student's features of the unmasked clip (fairseq: the teacher has
     no feature encoder of its own), the teacher's own positional conv (written out here), its ALiBi, its blocks' FFN
     outputs, instance norm over time, the top-K average, repeated M times; L2 × 1/√D at the masked steps."""
@@ -142,13 +142,9 @@ def test_v2_loss_equals_a_recomputation_with_repeated_targets():
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(torch.randn_like(p) * 0.01)                                        # a teacher that is not the student
-    captured = {}
-    real_loss = train.regression_loss
-    train.regression_loss = lambda pred, y, *a: captured.update(pred=pred, y=y) or real_loss(pred, y, *a)
-    try:
-        loss, _ = train.forward_loss(model, teacher, batch, cfg)
-    finally:
-        train.regression_loss = real_loss
+    captured, real_loss = {}, train.regression_loss
+    monkeypatch.setattr(train, 'regression_loss', lambda pred, y, *a: captured.update(pred=pred, y=y) or real_loss(pred, y, *a))
+    loss, _ = train.forward_loss(model, teacher, batch, cfg)
     with torch.no_grad():
         features, _ = model.front_end.feature_encoder(batch['source'])              # the student's, once per clip
         h = features.transpose(1, 2)                                                  # (B, D, T)
@@ -182,19 +178,15 @@ def test_ema_covers_all_but_the_feature_encoder_and_the_decoder():
         torch.testing.assert_close(v, 0.9 * before[k] + 0.1 * model.state_dict()[k])   # Δ ← τΔ + (1 − τ)θ
 
 
-def test_the_teacher_reads_the_students_feature_encoder():
+def test_the_teacher_reads_the_students_feature_encoder(monkeypatch):
     """A changed student projection changes the targets; the teacher's own weights did not move."""
     mcfg, cfg, model, teacher, batch = v2_setup()
-    targets = []
-    real_loss = train.regression_loss
-    train.regression_loss = lambda pred, y, *a: targets.append(y) or real_loss(pred, y, *a)
-    try:
-        train.forward_loss(model, teacher, batch, cfg)
-        with torch.no_grad():
-            model.front_end.feature_encoder.projection.weight.mul_(2)
-        train.forward_loss(model, teacher, batch, cfg)
-    finally:
-        train.regression_loss = real_loss
+    targets, real_loss = [], train.regression_loss
+    monkeypatch.setattr(train, 'regression_loss', lambda pred, y, *a: targets.append(y) or real_loss(pred, y, *a))
+    train.forward_loss(model, teacher, batch, cfg)
+    with torch.no_grad():
+        model.front_end.feature_encoder.projection.weight.mul_(2)
+    train.forward_loss(model, teacher, batch, cfg)
     assert not torch.allclose(targets[0], targets[1])
 
 
