@@ -19,6 +19,7 @@ Outputs in --out: speed.md (a table and the ratios) and speed.png (accuracy agai
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -38,10 +39,14 @@ def parse_args(argv=None):
     p.add_argument('--out', required=True, help='output folder')
     args = p.parse_args(argv)
     args.sweeps, args.costs = {}, {}
+    if args.target is not None and not 0 < args.target <= 1:
+        p.error(f'--target {args.target}: an accuracy in (0, 1]')
     for item in args.sweep:
         label, _, dirs = item.partition('=')
         if not dirs:
             p.error(f'--sweep {item}: expected LABEL=DIR[,DIR]')
+        if label in args.sweeps:
+            p.error(f'--sweep {item}: the label {label} is used twice')
         missing = [d for d in dirs.split(',') if not (Path(d) / 'results.jsonl').exists()]
         if missing:
             p.error(f'--sweep {item}: no results.jsonl in {", ".join(missing)} (run ablate.py --knob steps first)')
@@ -50,7 +55,10 @@ def parse_args(argv=None):
         label, _, seconds = item.partition('=')
         if label not in args.sweeps:
             p.error(f'--cost {item}: no --sweep is called {label}')
-        args.costs[label] = float(seconds)
+        try:
+            args.costs[label] = float(seconds)
+        except ValueError:
+            p.error(f'--cost {item}: expected LABEL=SECONDS, e.g. v1=0.165')
     return args
 
 
@@ -66,6 +74,8 @@ def load(dirs, cost=None):
                 continue                                        # a collapsed run has no score
             seconds = r['steps'] * cost if cost is not None else r['pretrain_s']
             curves.setdefault(r['seed'], []).append((r['steps'], seconds, r['score']))
+    if not curves:
+        raise SystemExit(f'learning_speed.py: error: no scored run in {", ".join(map(str, dirs))}')
     return {s: sorted(points) for s, points in sorted(curves.items())}
 
 
@@ -80,8 +90,13 @@ def time_to(points, target):
 
 
 def mean_curve(curves):
-    """[(updates, mean seconds, mean accuracy, std accuracy, n)] at the update counts every seed has."""
+    """[(updates, mean seconds, mean accuracy, std accuracy, n)] at the update counts every seed has (a count that a
+    seed lacks, e.g. a collapsed run, is left out of the mean curve, with a warning)."""
     counts = set.intersection(*(set(u for u, _, _ in c) for c in curves.values()))
+    dropped = set(u for c in curves.values() for u, _, _ in c) - counts
+    if dropped:
+        print(f'learning_speed.py: warning: {", ".join(map(str, sorted(dropped)))} updates: not every seed has a '
+              'score; left out of the mean curve', file=sys.stderr)
     rows = []
     for u in sorted(counts):
         pts = [next(p for p in c if p[0] == u) for c in curves.values()]
@@ -96,7 +111,7 @@ def speedups(ref, other, target=None):
     def one(r_pts, o_pts, a):
         a = max(acc for _, acc in r_pts) if a is None else a
         tr, to = time_to(r_pts, a), time_to(o_pts, a)
-        return a, tr, to, (tr / to if tr is not None and to else None)
+        return a, tr, to, (None if tr is None or to is None else tr / to if to > 0 else float('inf'))
     mean = one([(t, a) for _, t, a, _, _ in mean_curve(ref)], [(t, a) for _, t, a, _, _ in mean_curve(other)], target)
     seeds = {s: one([(t, a) for _, t, a in ref[s]], [(t, a) for _, t, a in other[s]], target)
              for s in ref if s in other}
@@ -114,25 +129,26 @@ def report(args):
     timing = lambda lb: f'{args.costs[lb]} s × updates' if lb in args.costs else 'measured pretraining wall time'
     lines = ['# Learning speed', '', 'Probe accuracy against pretraining time; mean ± sample std over seeds, per-seed '
              'values in the last column. Time: ' + '; '.join(f'{lb}: {timing(lb)}' for lb in labels) + '.', '',
-             '| sweep | updates | time (s) | accuracy | per seed |', '|---|---|---|---|---|']
+             '| sweep | updates | time (s) | accuracy | seeds | per seed |', '|---|---|---|---|---|---|']
     for lb in labels:
         for u, t, a, sd, n in mean_curve(curves[lb]):
             per = ', '.join(f'{c[next(i for i, p in enumerate(c) if p[0] == u)][2] * 100:.0f}' for c in curves[lb].values())
-            lines.append(f'| {lb} | {u or "scratch"} | {t:.0f} | {a:.3f} ± {sd:.3f} | {per} |')
+            lines.append(f'| {lb} | {u or "scratch"} | {t:.0f} | {a:.3f} ± {sd:.3f} | {n} | {per} |')
     for lb in labels[1:]:
         (a, tr, to, ratio), seeds = speedups(curves[ref], curves[lb], args.target)
         ok = [s[3] for s in seeds.values() if s[3] is not None]
-        lines += ['', f'**{lb} against {ref}**: {ref} reaches {a:.3f} (its {"best " if args.target is None else ""}mean '
-                  f'accuracy) in {fmt(tr, ".0f")} s; {lb} in {fmt(to, ".0f")} s: **{fmt(ratio, ".2f")}× sooner** '
-                  '(> 1: faster than the reference).', '',
-                  f'| seed | {ref} best | {ref} time (s) | {lb} time (s) | speed-up |', '|---|---|---|---|---|']
+        what = f"{ref}'s best mean accuracy" if args.target is None else 'the --target'
+        lines += ['', f'**{lb} against {ref}**: to {a:.3f} ({what}), {ref} takes {fmt(tr, ".0f")} s and {lb} '
+                  f'{fmt(to, ".0f") if to is not None else "does not get there"}{" s" if to is not None else ""}: '
+                  f'speed-up **{fmt(ratio, ".2f")}×** (> 1: faster than {ref}).', '',
+                  f'| seed | target ({"its " + ref + " best" if args.target is None else "--target"}) | {ref} time (s) | '
+                  f'{lb} time (s) | speed-up |', '|---|---|---|---|---|']
         for s, (sa, st_r, st_o, sr) in seeds.items():
-            lines.append(f'| {s} | {sa:.3f} | {fmt(st_r, ".0f")} | {fmt(st_o, ".0f") if st_o is not None else "not reached"} '
-                         f'| {fmt(sr, ".2f")} |')
+            lines.append(f'| {s} | {sa:.3f} | {fmt(st_r, ".0f") if st_r is not None else "not reached"} | '
+                         f'{fmt(st_o, ".0f") if st_o is not None else "not reached"} | {fmt(sr, ".2f")} |')
         lines.append(f'\nSeed by seed: {fmt(statistics.fmean(ok) if ok else None, ".2f")} ± '
-                     f'{fmt(statistics.stdev(ok) if len(ok) > 1 else None, ".2f")}× over {len(ok)} of {len(seeds)} seeds'
-                     + (f'; {len(seeds) - len(ok)} never reached the reference seed\'s best' if len(ok) < len(seeds) else '')
-                     + '.')
+                     f'{fmt(statistics.stdev(ok) if len(ok) > 1 else None, ".2f")}× over the {len(ok)} of {len(seeds)} '
+                     'seeds where both reach the target.')
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'speed.md').write_text('\n'.join(lines) + '\n')
@@ -151,7 +167,7 @@ def plot(curves, target, path, timing):
             for pts in c.values():
                 ax.plot([x_of(u, t) for u, t, _ in pts], [a for *_, a in pts], 'o', mfc='none', color=f'C{i}', alpha=0.4, ms=5)
         if target is not None:
-            ax.axhline(target, color='gray', ls=':', label=f'the reference\'s best mean ({target:.2f})')
+            ax.axhline(target, color='gray', ls=':', label=f'the target ({target:.2f})')
         ax.set(xlabel=xlabel, ylabel='probe accuracy')
         ax.grid(alpha=0.3)
     axes[0].set_title('against time (' + ', '.join(f'{lb}: {timing(lb)}' for lb in curves) + ')', fontsize=8)

@@ -71,15 +71,33 @@ def test_command_line_writes_the_table_and_the_plot(sweeps, tmp_path, capsys):
     ref, other = sweeps
     learning_speed.main(['--sweep', f'v1={ref}', '--sweep', f'v2={other}', '--target', '0.6', '--out', str(tmp_path / 'o')])
     md = (tmp_path / 'o' / 'speed.md').read_text()
-    assert '| v2 | 10 | 28 | 0.500 ± 0.141 | 60, 40 |' in md                # (25 + 30) / 2 s, (0.6 + 0.4) / 2
-    assert '2.67× sooner' in md                                              # 110 / 41.25
+    assert '| v2 | 10 | 28 | 0.500 ± 0.141 | 2 | 60, 40 |' in md            # (25 + 30) / 2 s, (0.6 + 0.4) / 2
+    assert 'speed-up **2.67×**' in md                                        # 110 / 41.25
+    assert '| 0 | 0.600 | 125 | 25 | 5.00 |' in md                           # seed 0: 100 + 0.1/0.4 · 100 s, and 25 s
+    assert '| 1 | 0.600 | 90 | not reached | – |' in md                       # v1 seed 1: 0.3/0.4 · 120 s; v2 tops at 0.5
     assert (tmp_path / 'o' / 'speed.png').stat().st_size > 10_000
+
+
+def test_reaching_the_target_at_the_start_is_an_infinite_speed_up_not_a_miss():
+    ref = {0: [(0, 0, 0.3), (100, 100, 0.8)]}
+    other = {0: [(0, 0, 0.9), (100, 50, 0.95)]}                            # scratch is already above 0.8
+    _, seeds = learning_speed.speedups(ref, other)
+    assert seeds[0] == (0.8, 100, 0, float('inf'))
+
+
+def test_a_count_some_seed_lacks_is_left_out_of_the_mean_curve_with_a_warning(capsys):
+    curves = {0: [(0, 0, 0.3), (100, 100, 0.5), (200, 200, 0.9)], 1: [(0, 0, 0.3), (200, 210, 0.7)]}
+    assert learning_speed.mean_curve(curves) == [(0, 0, 0.3, 0.0, 2), (200, 205, pytest.approx(0.8), pytest.approx(0.1414, abs=1e-4), 2)]
+    assert '100 updates: not every seed has a score' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('argv, message', [
     (['--sweep', 'v1'], 'expected LABEL=DIR'),
     (['--sweep', 'v1=/nowhere'], 'no results.jsonl in /nowhere'),
     (['--sweep', 'v1={ref}', '--cost', 'v3=1'], 'no --sweep is called v3'),
+    (['--sweep', 'v1={ref}', '--cost', 'v1=abc'], 'expected LABEL=SECONDS'),
+    (['--sweep', 'v1={ref}', '--sweep', 'v1={ref}'], 'the label v1 is used twice'),
+    (['--sweep', 'v1={ref}', '--target', '74'], 'an accuracy in (0, 1]'),
 ])
 def test_bad_flags_are_one_line_errors(sweeps, tmp_path, capsys, argv, message):
     ref, _ = sweeps
