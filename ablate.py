@@ -5,6 +5,7 @@
     python ablate.py --modality speech --knob target-layer --values attention ffn ffn_residual block --seeds 0 1 2 \\
         --data runs/fsdd/unlabelled --probe-data runs/fsdd/train --probe-test runs/fsdd/test --labeled 100 -- --preset small
     python ablate.py --modality speech --knob steps --values 250 500 1000 2000 ...           # a learning-speed curve
+    python learning_speed.py --sweep v1=DIR --sweep v2=DIR --out DIR                       # curves compared: time to accuracy
 
 For every value and seed: `train.py --KNOB VALUE --seed S` (the same seeds for every value, so the knob is the only
 difference), then `finetune.py --init <its checkpoint> --seed S`: a linear probe (--score probe) or a full fine-tune.

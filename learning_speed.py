@@ -17,13 +17,13 @@ per-update cost measured separately (runs that shared a machine with other jobs 
 Outputs in --out: speed.md (a table and the ratios) and speed.png (accuracy against time and against updates).
 """
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import matplotlib
-import numpy as np
+
+from ablate import fmt, read_log
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
@@ -66,8 +66,7 @@ def load(dirs, cost=None):
     """seed → [(updates, seconds, accuracy)] sorted by updates, starting with scratch at (0, 0, its accuracy)."""
     curves = {}
     for d in dirs:
-        for line in (d / 'results.jsonl').read_text().splitlines():
-            r = json.loads(line)
+        for r in read_log(d / 'results.jsonl'):
             if r['knob'] != 'steps':
                 raise SystemExit(f'learning_speed.py: error: {d} is a --knob {r["knob"]} sweep, not --knob steps')
             if r['status'] != 'ok':
@@ -116,10 +115,6 @@ def speedups(ref, other, target=None):
     seeds = {s: one([(t, a) for _, t, a in ref[s]], [(t, a) for _, t, a in other[s]], target)
              for s in ref if s in other}
     return mean, seeds
-
-
-def fmt(x, spec):
-    return '–' if x is None else format(x, spec)
 
 
 def report(args):
