@@ -1,8 +1,8 @@
 """Learning speed: probe accuracy against pretraining time for several `ablate.py --knob steps` sweeps, and how much
 sooner one reaches another's best accuracy (data2vec 2.0's claim: the same accuracy in several times less time).
 
-    python learning_speed.py --sweep v1=runs/ablate/d1-speech-steps \\
-        --sweep v2=runs/ablate/v2-speech-steps,runs/ablate/v2-speech-steps-s2 --out results/speech-v1-vs-v2
+    python learning_speed.py --sweep v1=runs/ablate/d1-speech-steps --sweep v2=runs/ablate/v2-speech-steps \\
+        --cost v1=0.165 --cost v2=0.371 --out results/speech-v1-vs-v2
 
 A sweep is LABEL=DIR[,DIR...] (the folders' results.jsonl rows pooled, e.g. seeds run in two sittings); the first is
 the reference. Time to accuracy A, on one curve of (time, accuracy) points that starts at (0, scratch):
@@ -125,12 +125,15 @@ def report(args):
     lines = ['# Learning speed', '', 'Probe accuracy against pretraining time; mean ± sample std over seeds, per-seed '
              'values in the last column. Time: ' + '; '.join(f'{lb}: {timing(lb)}' for lb in labels) + '.', '',
              '| sweep | updates | time (s) | accuracy | seeds | per seed |', '|---|---|---|---|---|---|']
+    means = {lb: mean_curve(c) for lb, c in curves.items()}
     for lb in labels:
-        for u, t, a, sd, n in mean_curve(curves[lb]):
-            per = ', '.join(f'{c[next(i for i, p in enumerate(c) if p[0] == u)][2] * 100:.0f}' for c in curves[lb].values())
+        for u, t, a, sd, n in means[lb]:
+            per = ', '.join(f'{next(acc for uu, _, acc in c if uu == u) * 100:.0f}' for c in curves[lb].values())
             lines.append(f'| {lb} | {u or "scratch"} | {t:.0f} | {a:.3f} ± {sd:.3f} | {n} | {per} |')
+    target = None
     for lb in labels[1:]:
         (a, tr, to, ratio), seeds = speedups(curves[ref], curves[lb], args.target)
+        target = a
         ok = [s[3] for s in seeds.values() if s[3] is not None]
         what = f"{ref}'s best mean accuracy" if args.target is None else 'the --target'
         lines += ['', f'**{lb} against {ref}**: to {a:.3f} ({what}), {ref} takes {fmt(tr, ".0f")} s and {lb} '
@@ -147,16 +150,15 @@ def report(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'speed.md').write_text('\n'.join(lines) + '\n')
-    plot(curves, speedups(curves[ref], curves[labels[-1]], args.target)[0][0] if len(labels) > 1 else None,
-         out / 'speed.png', timing)
+    plot(curves, means, target, out / 'speed.png', timing)
     return '\n'.join(lines)
 
 
-def plot(curves, target, path, timing):
+def plot(curves, means, target, path, timing):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, x_of, xlabel in ((axes[0], lambda u, t: t, 'pretraining time (s)'), (axes[1], lambda u, t: u, 'updates')):
         for i, (lb, c) in enumerate(curves.items()):
-            m = mean_curve(c)
+            m = means[lb]
             ax.errorbar([x_of(u, t) for u, t, *_ in m], [a for _, _, a, _, _ in m], yerr=[sd for *_, sd, _ in m],
                         marker='o', capsize=4, color=f'C{i}', label=f'{lb} (mean ± std, {len(c)} seeds)')
             for pts in c.values():
