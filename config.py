@@ -23,7 +23,8 @@ import torch
 # without them resumes (checkpoint.resume_changes); any other missing knob is refused by name
 UNCHANGED_DEFAULTS = dict(rel_pos_bias='shared', layer_norm_eps=0.0, pos_conv_zero='every', init='', version=1, decoder_dim=384,
                           decoder_layers=4, decoder_kernel=7, decoder_groups=16, mask_noise_std=0.01, decoder_dropout=0.1, clones=8,
-                          mask_adjust=0.05)
+                          mask_adjust=0.05, cls_loss=0.01, color_jitter=True,
+                          collapse_check_from=0)
 TAPS = ('attention', 'ffn', 'ffn_residual', 'block')  # which tensor of a block the teacher's targets use (model.Block)
 N_SPECIALS = 5                                         # <s> <pad> </s> <unk> <mask> (data.text.SPECIALS)
 
@@ -37,7 +38,7 @@ class ModelConfig:
     """Architecture. Defaults are data2vec Base for speech (fairseq base_librispeech.yaml); PRESETS has the others."""
     modality: str = knob('speech', 'speech | vision | text')
     version: int = knob(1, 'data2vec version: 1 (2022) | 2 (data2vec 2.0, 2023: visible steps only, a conv decoder, M masks '
-                           'per sample; speech only so far)')
+                           'per sample; speech and vision so far)')
     dim: int = knob(768, 'D: model width')
     layers: int = knob(12, 'L: Transformer blocks')
     heads: int = knob(12, 'attention heads')
@@ -103,10 +104,14 @@ class TrainConfig:
     mask_prob: float = knob(0.65, 'speech: fairseq mask_prob, span starts are p = mask_prob / mask_length of the frames '
                                   '(Table 8); vision: the fraction of patches masked')
     mask_length: int = knob(10, 'speech: frames per masked span (Table 8); vision: fewest patches per masked block')
-    mask_adjust: float = knob(0.05, 'data2vec 2.0 speech: A, extra span centres for overlaps: int(T·(p + A)/B) centres, '
-                                    'then exactly int(T·p) masked (fairseq mask_prob_adjust)')
+    mask_adjust: float = knob(0.05, 'data2vec 2.0: A, extra block centres for overlaps (fairseq mask_prob_adjust). speech: '
+                                    'int(T·(p + A)/B) centres, then exactly int(T·p) masked; vision: int(N·((1 − p) + A)/B²) '
+                                    'centres of B × B kept blocks, then exactly int(N·(1 − p)) kept (masking.py)')
     clones: int = knob(8, 'data2vec 2.0: M, masked copies of each sample, one teacher pass for all (multi-mask)')
+    cls_loss: float = knob(0.01, "data2vec 2.0 vision: the CLS loss's weight (model.cls_loss); 0 = off")
     min_crop_scale: float = knob(0.08, 'vision: random resized crops cover this fraction of the image or more')
+    color_jitter: bool = knob(True, "vision: BEiT's colour jitter (0.4, 0.4, 0.4) after the crop and flip (data2vec 2.0: "
+                                    "MAE's crops and flips only)")
     text_mask: str = knob('bert', 'text: bert (15%: 80% <mask>, 10% random, 10% kept; the paper) | span (0.35 × 4 tokens, all '
                                   '<mask>; the fairseq config). Sets --mask-prob/--mask-length unless given')
     block_size: int = knob(512, 'text: tokens per training sequence, <s> and </s> included')
@@ -143,6 +148,9 @@ class TrainConfig:
                                'without one, start. Without --resume an existing checkpoint.pt is an error, never overwritten')
     max_bad_steps: int = knob(10, 'stop after this many consecutive updates skipped for a NaN/Inf loss or gradient')
     strict_data: bool = knob(False, 'stop at the first unreadable sample instead of skipping it and logging its file')
+    collapse_check_from: int = knob(0, 'a collapse (target std < 0.1 or prediction std < 0.01) stops the run after this '
+                                       'update; 0: after the warm-up (at least 10). A v1 student on MNIST predicts alike '
+                                       'for its first ~200 updates (LOG.md 2026-12-01)')
 
 
 # data2vec vision v1 ViT-B/16: data2vec_vision/beit/README.md's command; the paper where the two differ (DEVIATIONS.md)
@@ -220,17 +228,46 @@ SPEECH2_LARGE = dict(SPEECH2_BASE, dim=1024, layers=24, heads=16, ffn_dim=4096, 
 SPEECH2_TINY = dict(SPEECH_TINY, **{k: SPEECH2_BASE[k] for k in ('version', 'target_post_norm', 'mask_prob', 'mask_length',
                                                                   'mask_adjust', 'schedule', 'min_lr', 'adam_beta2', 'adam_eps')},
                     decoder_dim=64, decoder_layers=4, decoder_kernel=7, decoder_groups=16, clones=8, ema_end=0.9999)
+# data2vec 2.0 vision ViT-B/16 (fairseq examples/data2vec/config/v2/base_images_only_task.yaml): 2 prenet + 10 shared
+# post-LN blocks (one stack here: encoders.ImageFrontEnd), K 10 of the shared ones, IN → average → LN targets of the FFN
+# outputs, inverse block masks (R 0.8, 3 × 3, A 0.07), M 16, a 2-D decoder, the CLS loss, no dropout of any kind;
+# Adam (0.9, 0.95) ε 1e-8 wd 0.05 without decay on 1-D parameters (composite optimizer: optim_overrides), lr 1e-3,
+# cosine from 50,040 warm-up updates to 0 at 375,300, clip 4; 16 GPUs × 16 images; MAE's crops (scale 0.2–1) and flips
+VISION2_BASE = dict(version=2, dropout=0.0, attn_dropout=0.0, layerdrop=0.0, drop_path=0.0, layers=12, top_k=10,
+                    target_layer='ffn', target_norm='instance', target_post_norm='layer', loss_beta=0.0, loss_scale=0.0,
+                    cls_loss=0.01, mask_prob=0.8, mask_length=3, mask_adjust=0.07, clones=16, decoder_dim=768,
+                    decoder_layers=6, decoder_kernel=3, decoder_groups=16, decoder_dropout=0.0, mask_noise_std=0.01,
+                    ema_start=0.9998, ema_end=0.99999, ema_anneal_steps=100_000, schedule='cosine', lr=1e-3, min_lr=0.0,
+                    weight_decay=0.05, no_decay_1d=True, adam_beta2=0.95, adam_eps=1e-8, clip=4.0,
+                    warmup=50_040 / 375_300, steps=375_300, batch_size=256, micro_batch_size=16, min_crop_scale=0.2,
+                    color_jitter=False, workers=10, log_every=200, ckpt_every=25_000)
+# large (large_images_only_task.yaml): 24 blocks (no prenet), K 18, R 0.75, A 0.1, a 3-layer decoder of C 1024, kernel 5,
+# τ → 0.99999 over 150k (the secondary notes' Table 8: τe 1.0 over 500k; DEVIATIONS.md 46), lr 4e-4, 16 GPUs × 8 images
+VISION2_LARGE = dict(VISION2_BASE, dim=1024, layers=24, heads=16, ffn_dim=4096, top_k=18, mask_prob=0.75, mask_adjust=0.1,
+                     decoder_dim=1024, decoder_layers=3, decoder_kernel=5, ema_anneal_steps=150_000, lr=4e-4,
+                     batch_size=128, micro_batch_size=8)
+# tiny: VISION_TINY's model and images (32², 4² patches: 12 of 64 kept), base's mechanism; 16 images × M 16 = 256 rows
+# per micro-batch, base's per-GPU shape (so the CLS loss weighs as in base). ≤ 5 min on 2 CPU cores
+VISION2_TINY = dict(VISION2_BASE, **{k: VISION_TINY[k] for k in ('image_size', 'patch_size', 'dim', 'layers', 'heads', 'ffn_dim',
+                                                                  'workers', 'log_every', 'ckpt_every')},
+                    top_k=3, decoder_dim=128, ema_start=0.995, ema_end=0.9999, ema_anneal_steps=300, lr=1e-3, warmup=0.1,
+                    steps=300, batch_size=16, micro_batch_size=16, min_crop_scale=0.35)
 PRESETS_V2 = {'speech': {'tiny': SPEECH2_TINY, 'small': dict(SPEECH2_TINY, **{k: PRESETS['speech']['small'][k] for k in (
     'pos_conv_depth', 'steps', 'ema_anneal_steps', 'log_every', 'ckpt_every')}),   # v1 small's changes to tiny
-    'base': SPEECH2_BASE, 'large': SPEECH2_LARGE}}
+    'base': SPEECH2_BASE, 'large': SPEECH2_LARGE},
+    'vision': {'tiny': VISION2_TINY, 'small': dict(VISION2_TINY, **{k: PRESETS['vision']['small'][k] for k in (
+        'image_size', 'steps', 'warmup', 'log_every', 'ckpt_every')}, ema_anneal_steps=1200),   # v1 small's changes to tiny
+        'base': VISION2_BASE, 'large': VISION2_LARGE}}
 V2_ONLY = ('decoder_dim', 'decoder_layers', 'decoder_kernel', 'decoder_groups', 'mask_noise_std', 'decoder_dropout', 'clones',
-           'mask_adjust')
-V1_ONLY = ('pad', 'ema_front_end')                                     # v2: crops to the shortest clip; its own teacher split
+           'mask_adjust', 'cls_loss')
+V1_ONLY = ('pad', 'ema_front_end',                                    # v2 speech: crops to the shortest clip; its teacher split
+           'layer_scale', 'rel_pos_bias', 'drop_path')                  # v2 vision: post-LN blocks, fixed positions
 
 # flags that only one or two modalities have: anywhere else they are an error, not silently ignored
 ONLY = {'speech': ('crop', 'pad', 'crop_step', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'pos_conv_zero', 'layerdrop',
                    'feature_grad_mult', 'ema_front_end'),
-        'vision': ('image_size', 'patch_size', 'layer_scale', 'drop_path', 'min_crop_scale', 'rel_pos_bias'),
+        'vision': ('image_size', 'patch_size', 'layer_scale', 'drop_path', 'min_crop_scale', 'rel_pos_bias', 'cls_loss',
+                   'color_jitter'),
         'text': ('encoding', 'tokenizer', 'text_mask', 'block_size', 'vocab_size', 'max_tokens', 'pad_id', 'layerdrop')}
 SHOWN_WITHOUT_PRESET = ('modality', 'preset', 'data', 'out', 'device', 'compile', 'seed', 'resume', 'strict_data', 'pad', 'init')
 
@@ -299,13 +336,19 @@ def modality_checks(mcfg, cfg):
     grid, count = patch_mask_size(mcfg, cfg)
     return {
         'speech': [(cfg.crop >= 16_000, f'--crop {cfg.crop} must be ≥ 16000 samples (1 s)'),
-                   (mcfg.pos_conv_zero in ('every', 'first'), f'--pos-conv-zero {mcfg.pos_conv_zero}: choose every or first')],
+                   (mcfg.pos_conv_zero in ('every', 'first'), f'--pos-conv-zero {mcfg.pos_conv_zero}: choose every or first'),
+                   (mcfg.dim % mcfg.pos_conv_groups == 0, f'--dim {mcfg.dim} must be divisible by --pos-conv-groups {mcfg.pos_conv_groups}')],
         'vision': [
             (mcfg.image_size % mcfg.patch_size == 0, f'--image-size {mcfg.image_size} must be divisible by --patch-size {mcfg.patch_size}'),
             (grid >= 2, f'--image-size {mcfg.image_size} / --patch-size {mcfg.patch_size} must give a grid of at least 2 × 2 patches'),
             (0 < cfg.mask_prob <= 1, f'--mask-prob {cfg.mask_prob}: the fraction of patches masked must be in (0, 1]'),
             (cfg.mask_length <= min(count, (grid - 1) ** 2), f'--mask-length {cfg.mask_length}: a block cannot exceed the '
-             f'{count} masked patches or the {(grid - 1) ** 2} a block may cover on a {grid} × {grid} grid'),
+             f'{count} masked patches or the {(grid - 1) ** 2} a block may cover on a {grid} × {grid} grid')
+            if mcfg.version == 1 else
+            (cfg.mask_length <= grid and int(grid * grid * (1 - cfg.mask_prob)) >= 1, f'--mask-length {cfg.mask_length} '
+             f'(the side of a kept block) must be ≤ the grid ({grid}) and --mask-prob {cfg.mask_prob} must keep a patch of {grid ** 2}'),
+            (mcfg.version == 1 or mcfg.dim % 4 == 0, f'--dim {mcfg.dim} must be divisible by 4 (data2vec 2.0\'s sine-cosine positions)'),
+            (cfg.cls_loss >= 0, f'--cls-loss {cfg.cls_loss} must be ≥ 0'),
             (0 < cfg.min_crop_scale <= 1, f'--min-crop-scale {cfg.min_crop_scale} must be in (0, 1]'),
             (0 <= mcfg.drop_path < 1, f'--drop-path {mcfg.drop_path} must be in [0, 1)'),
             (mcfg.rel_pos_bias in ('shared', 'layer'), f'--rel-pos-bias {mcfg.rel_pos_bias}: choose shared or layer')],
@@ -352,11 +395,11 @@ def check_config(mcfg, cfg, world=1):
          f'--clones, --decoder-layers, --decoder-kernel must be ≥ 1 and --decoder-dim, --dim divisible by --decoder-groups'),
         (mcfg.version == 1 or (0 < cfg.mask_prob < 1 and cfg.mask_adjust >= 0),
          f'--mask-prob {cfg.mask_prob} must be in (0, 1) and --mask-adjust {cfg.mask_adjust} ≥ 0 (data2vec 2.0)'),
-        (mcfg.dim % mcfg.pos_conv_groups == 0, f'--dim {mcfg.dim} must be divisible by --pos-conv-groups {mcfg.pos_conv_groups}'),
         (all(0 <= p < 1 for p in (mcfg.dropout, mcfg.attn_dropout, mcfg.layerdrop)), 'dropouts must be in [0, 1)'),
         (cfg.workers >= 0, f'--workers {cfg.workers} must be ≥ 0'),
         (cfg.seed >= 0, f'--seed {cfg.seed} must be ≥ 0'),
         (cfg.max_bad_steps >= 1, f'--max-bad-steps {cfg.max_bad_steps} must be ≥ 1'),
+        (cfg.collapse_check_from >= 0, f'--collapse-check-from {cfg.collapse_check_from} must be ≥ 0'),
     ] + modality_checks(mcfg, cfg)
     for ok, msg in checks:
         if not ok:

@@ -16,6 +16,8 @@ images (BEiT, data2vec vision v1, facebookresearch/data2vec_vision/beit; `ImageF
         ─ [student: masked patches → mask token] ─ CLS token prepended ─→ tokens (B, 1 + N, D)
     positions: no absolute embedding; one relative position bias shared by all blocks, added to the logits
     the teacher averages the whole front-end (BEiT's EMA of the whole model) and reads the raw image
+    data2vec 2.0: + fixed 2-D sine-cosine positions, no mask token (the student reads the visible patches only), no
+    relative position bias; post-LN blocks
 
 text (RoBERTa, data2vec text v1; `TextFrontEnd`):
     token ids (B, T), masked in the ids (<mask>) ─ token embedding + learned position embedding (offset pad + 1)
@@ -144,11 +146,11 @@ class ConvPositionalEncoder(nn.Module):
 
 
 def conv_ln_gelu(conv, h):
-    """One layer of data2vec's 1-D conv stacks (the positional encoder; data2vec 2.0's decoder):
-    Conv1d → LayerNorm over channels, no affine → GELU.  (B, C, T) → (B, C', T); an even kernel's extra frame is
-    dropped (fairseq SamePad)."""
-    h = conv(h)[..., :h.shape[-1]]                                 # (B, C', T)
-    return rearrange(F.gelu(F.layer_norm(rearrange(h, 'b c t -> b t c'), h.shape[1:2])), 'b t c -> b c t')
+    """One layer of data2vec's conv stacks (the positional encoder; data2vec 2.0's decoders, 1-D and 2-D):
+    Conv → LayerNorm over channels, no affine → GELU.  (B, C, T) → (B, C', T), or (B, C, H, W) → (B, C', H, W); an even
+    kernel's extra step is dropped (fairseq SamePad, SamePad2d)."""
+    h = conv(h)[(..., *(slice(0, n) for n in h.shape[2:]))]      # (B, C', T) or (B, C', H, W)
+    return F.gelu(F.layer_norm(h.movedim(1, -1), h.shape[1:2])).movedim(-1, 1)
 
 
 class ALiBi(nn.Module):
@@ -201,6 +203,20 @@ class PatchEmbed(nn.Module):
     def forward(self, image):
         x = self.proj((image - self.mean) / self.std)              # (B, D, H/P, W/P)
         return rearrange(x, 'b d h w -> b (h w) d')                # (B, N, D)
+
+
+def sincos_positions_2d(dim, side):
+    """data2vec 2.0's fixed image positions (MAE get_2d_sincos_pos_embed, not learned): (side², D), patches row-major.
+
+        for patch (y, x) and i < D/4, with ω_i = 10000^(−i/(D/4)):
+        p[0 : D/4] = sin(x·ω)   p[D/4 : D/2] = cos(x·ω)   p[D/2 : 3D/4] = sin(y·ω)   p[3D/4 : D] = cos(y·ω)
+
+    (MAE's first half encodes its grid[0], which np.meshgrid(w, h) makes the column x.)"""
+    assert dim % 4 == 0, f'sine-cosine positions need D divisible by 4, not {dim}'
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))      # (D/4,)
+    y, x = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing='ij')
+    angles = [rearrange(c, 'h w -> (h w) 1') * omega for c in (x, y)]                      # (N, D/4) each
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1).float()    # (N, D)
 
 
 class RelativePositionBias(nn.Module):
@@ -291,11 +307,15 @@ class FrontEnd(nn.Module):
         shared         (averaged front-ends) names of submodules the teacher does not copy but shares: data2vec 2.0
                        speech's feature encoder. teacher_tokens(teacher_input) → (tokens, padding) on the teacher's copy
         prefix         tokens the front-end puts before the data (CLS), which get no target
+        local, visible data2vec 2.0: local(source) → (features (B, T, D), once per sample; the teacher's input);
+                       visible(features (R, T, D), mask, ids_keep) → (the student's tokens of the visible steps, prefix
+                       in front (R, P + T_keep, D); their attention bias or None)
+        grid           (h, w) of the patches, for data2vec 2.0's 2-D decoder; None: a 1-D sequence
         pre_ln, input_norm, head_layers, finetune_frozen, norm_eps, layer_bias   the released model it belongs to
                        (model.Data2Vec, finetune.py); norm_eps: its LayerNorms' ε unless cfg.layer_norm_eps sets one;
                        layer_bias: a relative position bias per block (its grid), or None
     """
-    averaged, shared, prefix = False, (), 0
+    averaged, shared, prefix, grid = False, (), 0, None
     pre_ln, input_norm, head_layers, finetune_frozen, norm_eps, layer_bias = False, True, 1, (), 1e-5, None
 
     def attention(self, x, padding_mask=None, window=0):
@@ -357,6 +377,12 @@ class SpeechFrontEnd(FrontEnd):
         bias = self.alibi(torch.arange(x.shape[1], device=x.device))         # (H, T, T)
         return bias if allowed is None else bias.masked_fill(~allowed, float('-inf'))
 
+    def local(self, source):
+        """data2vec 2.0: the features (B, T, D), once for all M copies, and the teacher's input: the same features, which
+        it reads through its own positional conv (the feature encoder is shared)."""
+        features, _ = self.feature_encoder(source)
+        return features, features.detach()
+
     def visible(self, features, mask, ids_keep):
         """data2vec 2.0's student input (fairseq encoder_zero_mask): masked frames zeroed, the positional conv over the
         whole length, then the visible frames only, with the ALiBi bias between them.
@@ -381,6 +407,14 @@ class ImageFrontEnd(FrontEnd):
     Averaged by the teacher (BEiT's ModelEmaV2 copies the whole model), which reads the same augmented image, unmasked.
     Pre-LN blocks with LayerScale and a LayerNorm after the last (BEiT); BEiT initialises the patch embedding, the
     blocks and the tokens together (model.init_beit_).
+
+    data2vec 2.0 (cfg.version 2, fairseq modalities/images.py): patch embedding + fixed sine-cosine positions
+    (sincos_positions_2d), the visible patches only (`visible`), a CLS token in front with no position; no mask token,
+    no relative position bias. Post-LN blocks after a LayerNorm, ε 1e-6, initialised as fairseq does (init_bert_params;
+    the patch embedding xavier_uniform, the CLS token N(0, 1)). The teacher averages all of it, the patch embedding
+    included (fairseq ema_local_encoder), and reads the raw image. fairseq's prenet_depth blocks (base: 2, then 10
+    shared) are here the first of cfg.layers: the teacher averages both kinds and the targets are the top K ≤ 10, so
+    one stack of 12 is the same model.
     """
     averaged, prefix, pre_ln, input_norm, norm_eps = True, 1, True, False, 1e-6
 
@@ -389,6 +423,14 @@ class ImageFrontEnd(FrontEnd):
         self.grid = (cfg.image_size // cfg.patch_size,) * 2
         self.patch_embed = PatchEmbed(cfg.dim, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.register_buffer('positions', sincos_positions_2d(cfg.dim, self.grid[0]) if cfg.version == 2 else None,
+                             persistent=False)                                # v2's fixed positions (N, D): not saved
+        if cfg.version == 2:
+            self.pre_ln, self.input_norm = False, True
+            w = self.patch_embed.proj.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))                  # fairseq: as a Linear (D, 3·P²)
+            nn.init.normal_(self.cls_token)                                  # init_extra_token_zero false: N(0, 1)
+            return
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         if cfg.rel_pos_bias == 'layer':                                       # BEiT fine-tuning: a table in every block
             self.layer_bias = self.grid
@@ -397,28 +439,44 @@ class ImageFrontEnd(FrontEnd):
 
     def forward(self, source, padding_mask=None, mask=None, teacher=False):
         """source (B, 3, H, W), mask (B, N) → tokens (B, 1 + N, D), None (images are never padded), and the teacher's
-        input: the image itself, for its own copy of this front-end."""
+        input: the image itself, for its own copy of this front-end. v2: masked patches are zeros (fairseq
+        encoder_zero_mask; the student proper reads the visible ones only)."""
         x = self.patch_embed(source)                                          # (B, N, D)
-        if mask is not None:
-            x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)  # BEiT: x·(1 − w) + mask_token·w
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + N, D)
-        return x, None, dict(source=source) if teacher else None
+        if self.positions is not None:
+            x = x + self.positions                                            # v2: fixed positions, before masking
+        if mask is not None:                                                  # BEiT: x·(1 − w) + mask_token·w
+            x = torch.where(mask[..., None], self.mask_token.to(x.dtype) if self.positions is None else 0.0, x)
+        return self.with_cls(x), None, dict(source=source) if teacher else None
+
+    def with_cls(self, x):
+        """(B, T, D) → (B, 1 + T, D): the CLS token in front."""
+        return torch.cat([self.cls_token.expand(len(x), -1, -1).to(x.dtype), x], dim=1)
+
+    def local(self, source):
+        """data2vec 2.0: the patch embeddings with their positions (B, N, D), once for all M copies; the teacher's input."""
+        return self.patch_embed(source) + self.positions, dict(source=source)
+
+    def visible(self, x, mask, ids_keep):
+        """data2vec 2.0's student input: x (R, N, D) → the visible patches (R, 1 + N_keep, D) behind the CLS token, and
+        no attention bias (the positions are in the tokens)."""
+        return self.with_cls(x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))), None
 
     def attention(self, x, padding_mask=None, window=0):
         """The shared relative position bias (H, 1 + N, 1 + N), added to the logits of every block (with a bias per
-        block instead: nothing, or the window's −∞ (1 + N, 1 + N); the blocks add their own). With a teacher
+        block, or v2: nothing, or the window's −∞ (1 + N, 1 + N)). With a teacher
         context W > 0 (Figure 3), patch i sees only the patches j within a (2W + 1) × (2W + 1) square around it,
         max(|y_i − y_j|, |x_i − x_j|) ≤ W on the grid, and not the CLS token; the CLS token sees everything. So a
         patch's output after L blocks depends on the patches within L·W of it only (DEVIATIONS.md 36)."""
         h, w = self.grid
-        bias = self.rel_pos_bias() if self.layer_bias is None else x.new_zeros(1 + h * w, 1 + h * w, dtype=torch.float)
+        bias = self.rel_pos_bias() if hasattr(self, 'rel_pos_bias') else None
         if window == 0:
-            return bias if self.layer_bias is None else None
+            return bias
         yx = torch.stack(torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device),
                                         indexing='ij')).flatten(1)           # (2, N): row, column of each patch
         near = (yx[:, :, None] - yx[:, None, :]).abs().amax(0) <= window      # (N, N)
         sees = torch.ones(1 + h * w, 1 + h * w, dtype=torch.bool, device=x.device)
         sees[1:, 1:], sees[1:, 0] = near, False                               # patches: their square, no CLS
+        bias = x.new_zeros(1 + h * w, 1 + h * w, dtype=torch.float) if bias is None else bias
         return bias.masked_fill(~sees, float('-inf'))
 
 

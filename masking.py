@@ -8,9 +8,10 @@ Speech uses wav2vec 2.0 span masking with the semantics of fairseq `compute_mask
 Vision uses BEiT's block-wise masking on the patch grid (data2vec vision v1: 120 of 196 patches).
 Both give every row of a batch the same masked count, so shapes stay static for torch.compile.
 Text uses BERT masking or its wav2vec-style span variant (fairseq MaskTokensDataset), on token ids.
-data2vec 2.0 (--version 2): speech uses block_mask_1d, exact counts per row and per clone (exact_count).
+data2vec 2.0 (--version 2): speech uses block_mask_1d, images inverse_block_mask, exact counts per row and per clone
+(exact_count).
 
-    python masking.py        # saves masks.png (span masks and block masks) and prints the masked fractions
+    python masking.py        # saves masks.png (span masks, BEiT's block masks, data2vec 2.0's inverse block masks)
 """
 import math
 
@@ -130,6 +131,26 @@ def block_mask_1d(rows, L, mask_prob=0.5, span=5, adjust=0.05, generator=None):
     return exact_count(mask, int(L * mask_prob), generator)
 
 
+def inverse_block_mask(rows, side, mask_prob=0.8, block=3, adjust=0.07, generator=None):
+    """data2vec 2.0 image masks (fairseq compute_block_mask_2d, inverse_mask): (rows, side²) bool, True = masked.
+
+        keep     q = 1 − R of the L = side² patches (R = mask_prob 0.8: 20% kept)
+        centres  n_c = int(L·((q + A)/B²)) per row, uniform over the patches, drawn with replacement
+        blocks   centre (y, x) keeps rows y − ⌊B/2⌋ … y − ⌊B/2⌋ + B − 1 × the same columns around x, clamped to the grid
+        count    exactly int(L·q) kept patches per row (exact_count), then inverted: masked = not kept
+
+    The choice is of what to KEEP: the student sees a few B × B islands (base: 5 centres, 39 of 196 patches kept),
+    and must predict everything around them. R = mask_prob, A = adjust (more centres, for overlaps), B = block.
+    """
+    L, keep = side * side, 1 - mask_prob                                   # fairseq: mask_prob ← 1 − mask_prob
+    centres = torch.randint(0, L, (rows, int(L * ((keep + adjust) / block ** 2))), generator=generator)   # (R, n_c)
+    offsets = torch.arange(block) - block // 2                             # −1, 0, 1 for B = 3
+    y = (centres[..., None, None] // side + offsets[:, None]).clamp(0, side - 1)   # (R, n_c, B, 1)
+    x = (centres[..., None, None] % side + offsets).clamp(0, side - 1)             # (R, n_c, 1, B)
+    kept = torch.zeros(rows, L, dtype=torch.bool).scatter_(1, (y * side + x).flatten(1), True)   # (R, L)
+    return ~exact_count(kept, int(L * keep), generator)
+
+
 def visible_order(mask):
     """data2vec 2.0: the order that puts the visible steps first. mask (R, T) bool, the same count n in every row →
     ids_keep (R, T − n), the visible steps in time order; ids_restore (R, T), which puts [visible, masked] back in time
@@ -181,8 +202,8 @@ if __name__ == '__main__':
     T = 250                                                  # 5 s of audio at 50 frames per second
     batches = {'equal lengths (embedded corpus, 1 s crops)': torch.full((8,), T),
                'padded, similar lengths (real data, grouped by length)': torch.tensor([250, 246, 240, 238, 233, 230, 226, 221])}
-    fig = plt.figure(figsize=(10, 8))
-    grid = fig.add_gridspec(3, 6, height_ratios=(1, 1, 1.15))
+    fig = plt.figure(figsize=(10, 10))
+    grid = fig.add_gridspec(4, 6, height_ratios=(1, 1, 1.15, 1.15))
     for row, (title, lengths) in enumerate(batches.items()):
         ax = fig.add_subplot(grid[row, :])
         mask = span_mask(lengths, T, 0.65, 10, generator=g)
@@ -196,15 +217,22 @@ if __name__ == '__main__':
     big = block_mask(1000, (14, 14), 120, generator=g)
     print(f'vision block masks, 120 of 196, min block 16: masked fraction {big.float().mean():.3f}, '
           f'per-row counts {big.sum(1).unique().tolist()}')
-    for col, mask in enumerate(block_mask(6, (14, 14), 120, generator=g)):
-        ax = fig.add_subplot(grid[2, col])
+    big = inverse_block_mask(1000, 14, generator=g)
+    print(f'data2vec 2.0 inverse block masks, R 0.8, 3 × 3, A 0.07: masked fraction {big.float().mean():.3f}, '
+          f'per-row counts {big.sum(1).unique().tolist()}')
+    panels = [(2, m) for m in block_mask(6, (14, 14), 120, generator=g)] + [(3, m) for m in inverse_block_mask(6, 14, generator=g)]
+    for col, (row, mask) in enumerate(panels):
+        ax = fig.add_subplot(grid[row, col % 6])
         ax.imshow(mask.view(14, 14), cmap='Greys', vmin=0, vmax=1)
         ax.set_xticks(torch.arange(-0.5, 14, 1), minor=True)
         ax.set_yticks(torch.arange(-0.5, 14, 1), minor=True)
         ax.grid(which='minor', color='lightgrey', lw=0.5)
         ax.tick_params(which='both', length=0, labelbottom=False, labelleft=False)
-    fig.text(0.5, 0.01, 'vision (ViT-B/16, 224²): BEiT block masks on the 14 × 14 patch grid, 120 of 196 patches '
-             '(61%) per image, blocks of ≥ 16 patches', ha='center')
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+        if col % 6 == 0:
+            ax.set_ylabel('BEiT (v1)' if row == 2 else 'data2vec 2.0')
+    fig.text(0.5, 0.01, 'vision (ViT-B/16, 224², 14 × 14 patches; black = masked): BEiT block masks, 120 of 196 (61%), blocks '
+             'of ≥ 16;\ndata2vec 2.0 inverse block masks: 39 of 196 kept (157 masked, 80%) in 3 × 3 islands around 5 centres',
+             ha='center')
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig('masks.png', dpi=110)
     print('saved masks.png')

@@ -13,8 +13,9 @@ The modality lives in the front-end (encoders.py); this file has no modality bra
 The blocks are the released models': post-LN for speech and text (wav2vec 2.0 / fairseq, RoBERTa), BEiT's
 pre-LN blocks with LayerScale for vision (data2vec vision v1). All expose the same block taps.
 
-data2vec 2.0 (Baevski et al., 2023; --version 2, speech so far) is Data2Vec2: the same front-end and blocks, but the
-blocks see the visible steps only, of M masked copies of each sample, and a ConvDecoder replaces the regression head.
+data2vec 2.0 (Baevski et al., 2023; --version 2, speech and images so far) is Data2Vec2: the same front-ends and
+blocks, but the blocks see the visible steps only, of M masked copies of each sample, and a ConvDecoder replaces the
+regression head; images add a CLS loss (cls_loss).
 
 Legend:  B batch · S waveform samples · T time steps (frames, tokens, or image patches N) · D model width
          H heads · L blocks · K top-K target blocks · M masked steps.
@@ -242,37 +243,41 @@ class Data2Vec(nn.Module):
         return x[..., self.front_end.prefix:, :], padding
 
     def forward(self, source, padding_mask=None, mask=None, **extra):
-        """source (B, S | 3, H, W | T), padding_mask, mask (B, T) → pred (B, T, D), teacher_input, padding (B, T) or None.
+        """source (B, S | 3, H, W | T), padding_mask, mask (B, T) → pred (B, T, D), teacher_input, padding (B, T) or None,
+        and None (data2vec 2.0 returns its CLS output there).
         extra: what one front-end also reads (text: original, the uncorrupted ids for the teacher).
 
         The head runs on every step (cheap, and shapes stay static); the loss keeps the masked ones.
         """
         x, padding, teacher_input = self.front_end(source, padding_mask, mask, teacher=True, **extra)   # (B, T', D)
         x, _ = self.encoder(x, self.front_end.attention(x, padding))
-        return self.regression_head(x[:, self.front_end.prefix:]), teacher_input, padding
+        return self.regression_head(x[:, self.front_end.prefix:]), teacher_input, padding, None
 
     def num_params(self, head=False):
         return sum(p.numel() for n, p in self.named_parameters() if head or not n.startswith(self.head + '.'))
 
 
 class ConvDecoder(nn.Module):
-    """data2vec 2.0's decoder (fairseq Decoder1d): from the student's output at the visible steps, a prediction at
-    every step.
+    """data2vec 2.0's decoder (fairseq Decoder1d, Decoder2d): from the student's output at the visible steps, a
+    prediction at every step.
 
         x₀ = restore([Dropout(student output at the visible steps), ε at the masked steps]),  ε ~ N(0, σ²), σ = 0.01
         xₗ = conv_ln_gelu(convₗ, xₗ₋₁) + xₗ₋₁     (the residual when the shapes match: not after a first layer D → C)
         ŷ  = proj(x_L)                            (one Linear C → D, or C → 2C → GELU → D with projection_layers 2)
 
-    speech base: 4 layers, C = 384, kernel 7, 16 groups, residual, input dropout 0.1. The loss keeps the masked steps.
+    The convolutions run along time (Conv1d), or with `grid` (h, w) on the patch grid (Conv2d, images).
+    speech base: 4 layers, C = 384, kernel 7, 16 groups, input dropout 0.1. images base: 6 layers, C = 768, kernel 3,
+    16 groups, no input dropout. Both residual. The loss keeps the masked steps.
     forward(x (R, T_keep, D), ids_restore (R, T)) → (R, T, D).
     """
 
     def __init__(self, dim, decoder_dim=384, layers=4, kernel=7, groups=16, residual=True, projection_layers=1,
-                 input_dropout=0.1, noise_std=0.01):
+                 input_dropout=0.1, noise_std=0.01, grid=None):
         super().__init__()
-        self.convs = nn.ModuleList(nn.Conv1d(dim if i == 0 else decoder_dim, decoder_dim, kernel, padding=kernel // 2,
-                                             groups=groups) for i in range(layers))
-        self.residual, self.input_dropout, self.noise_std = residual, input_dropout, noise_std
+        conv = nn.Conv1d if grid is None else nn.Conv2d
+        self.convs = nn.ModuleList(conv(dim if i == 0 else decoder_dim, decoder_dim, kernel, padding=kernel // 2,
+                                        groups=groups) for i in range(layers))
+        self.residual, self.input_dropout, self.noise_std, self.grid = residual, input_dropout, noise_std, grid
         self.proj = (nn.Linear(decoder_dim, dim) if projection_layers == 1 else
                      nn.Sequential(nn.Linear(decoder_dim, 2 * decoder_dim), nn.GELU(), nn.Linear(2 * decoder_dim, dim)))
 
@@ -281,37 +286,43 @@ class ConvDecoder(nn.Module):
         R, T, D = ids_restore.shape + x.shape[-1:]
         noise = torch.randn(R, T - x.shape[1], D, device=x.device, dtype=x.dtype) * self.noise_std
         x = torch.cat([x, noise], 1).gather(1, ids_restore[..., None].expand(R, T, D))   # (R, T, D), in time order
-        h = rearrange(x, 'r t d -> r d t')
+        h = rearrange(x, 'r t d -> r d t') if self.grid is None else rearrange(x, 'r (h w) d -> r d h w', h=self.grid[0])
         for conv in self.convs:
-            y = conv_ln_gelu(conv, h)                                            # (R, C, T)
+            y = conv_ln_gelu(conv, h)                                            # (R, C, T) or (R, C, h, w)
             h = y + h if self.residual and y.shape == h.shape else y
-        return self.proj(rearrange(h, 'r c t -> r t c'))                       # (R, T, D)
+        return self.proj(rearrange(h, 'r c ... -> r (...) c'))                # (R, T, D)
 
 
 class Data2Vec2(Data2Vec):
     """data2vec 2.0's student (Baevski et al., 2023; fairseq data2vec2.py): M masked copies of each sample, the blocks
     on the visible steps only, a conv decoder in place of the regression head.
 
-        source ─ front_end.feature_encoder: features (B, T, D), once per sample ─ × M (R = B·M rows)
-               ─ front_end.visible: masked steps dropped ─ encoder: L blocks on T_keep steps ─ decoder → (R, T, D)
+        source ─ front_end.local: features (B, T, D), once per sample ─ × M (R = B·M rows)
+               ─ front_end.visible: masked steps dropped, [CLS] in front ─ encoder: L blocks on P + T_keep steps
+               ─ decoder: the visible outputs, noise at the masked steps → a prediction at every step (R, T, D)
 
-    The teacher reads the features of the unmasked input, once per sample (train.forward_loss repeats its targets M
-    times). encode() is Data2Vec's: the whole input, for fine-tuning and probes.
+        speech  local = the feature encoder; visible = zeroed masked frames → positional conv → the kept frames, ALiBi
+        images  local = patch embedding + fixed positions; visible = the kept patches behind a CLS token
+
+    The teacher reads the unmasked input once per sample (train.forward_loss repeats its targets M times): the
+    student's features (speech) or the image (images). encode() is Data2Vec's: the whole input, for fine-tuning.
     """
     head = 'decoder'
 
     def make_head(self, cfg):
         self.decoder = ConvDecoder(cfg.dim, cfg.decoder_dim, cfg.decoder_layers, cfg.decoder_kernel, cfg.decoder_groups,
-                                   input_dropout=cfg.decoder_dropout, noise_std=cfg.mask_noise_std)
+                                   input_dropout=cfg.decoder_dropout, noise_std=cfg.mask_noise_std, grid=self.front_end.grid)
 
     def forward(self, source, mask, ids_keep, ids_restore, padding_mask=None):
-        """source (B, S), mask (R, T) bool with rows b·M … b·M + M − 1 for sample b, ids_keep (R, T_keep), ids_restore
-        (R, T) (masking.visible_order) → pred (R, T, D), the teacher's input: the features (B, T, D), padding None."""
-        features, _ = self.front_end.feature_encoder(source)                    # (B, T, D): one pass for all M copies
-        x = features.repeat_interleave(mask.shape[0] // source.shape[0], 0)      # (R, T, D)
-        x, bias = self.front_end.visible(x, mask, ids_keep)                      # (R, T_keep, D), (R, H, T_keep, T_keep)
-        x, _ = self.encoder(x, bias)                                             # (R, T_keep, D)
-        return self.decoder(x, ids_restore), features.detach(), None            # (R, T, D)
+        """source (B, S | 3, H, W), mask (R, T) bool with rows b·M … b·M + M − 1 for sample b, ids_keep (R, T_keep),
+        ids_restore (R, T) (masking.visible_order) → pred (R, T, D), the teacher's input, padding None, and the final
+        output at the prefix (R, D) (images: the CLS token's, for the CLS loss) or None."""
+        features, teacher_input = self.front_end.local(source)                 # (B, T, D): one pass for all M copies
+        x = features.repeat_interleave(mask.shape[0] // features.shape[0], 0)   # (R, T, D)
+        x, bias = self.front_end.visible(x, mask, ids_keep)                      # (R, P + T_keep, D), bias or None
+        x, _ = self.encoder(x, bias)                                             # (R, P + T_keep, D)
+        P = self.front_end.prefix
+        return self.decoder(x[:, P:], ids_restore), teacher_input, None, x[:, 0] if P else None   # (R, T, D), (R, D)
 
 
 def build_student(cfg: ModelConfig):
@@ -338,3 +349,18 @@ def regression_loss(pred, target, mask, beta=0.0, scale=None):
     scale = 1 / math.sqrt(pred.shape[-1]) if scale is None else scale
     per_step = per_elem.sum(-1) * scale                                      # (B, T)
     return (per_step * mask).sum() / mask.sum()
+
+
+def cls_loss(cls, target, weight, beta=0.0, scale=None):
+    """data2vec 2.0 images (fairseq cls_loss): the student's final CLS output regresses the mean over patches of its
+    sample's targets, each of the R rows (copies) one term, summed and weighted by `weight` × the masked count:
+
+        L_cls = weight · n_masked · Σ_r ℓ(cls_r, (1/T) Σ_t y_r,t) / n_masked = weight · Σ_r ℓ(cls_r, ȳ_r)
+
+    ℓ is regression_loss's per-step term. fairseq sums every loss and divides by the masked count (its sample size)
+    per GPU; dividing here too makes the total regression_loss + L_cls. So the CLS term's share grows with the rows per
+    micro-batch, as with fairseq's per-GPU batch (base: 16 images × M 16 = 256 rows). cls (R, D), target (R, D).
+    """
+    rows = torch.ones(cls.shape[0], 1, dtype=torch.bool, device=cls.device)           # (R, 1): each row one "step"
+    return weight * cls.shape[0] * regression_loss(cls[:, None], target[:, None], rows, beta, scale)   # R × the mean
+

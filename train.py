@@ -24,12 +24,13 @@ import data
 from checkpoint import CheckpointError, RunState, StopSignal, ignore_stop_signals, resume_changes, seed_all, update_is_finite
 from config import UNCHANGED_DEFAULTS, ModelConfig, check_config, lr_at, parse_train_args, pick_device, to_device
 from data import DataError, batches
-from model import build_student, regression_loss
+from model import build_student, cls_loss, regression_loss
 from released import load_released
 from teacher import Teacher, ema_decay_at, ema_update_, teacher_targets
 
 # what a resumed run may change: where and how long it runs, not what it trains (checkpoint.resume_changes)
-RESUMABLE = ('steps', 'out', 'data', 'device', 'compile', 'workers', 'log_every', 'ckpt_every', 'max_bad_steps', 'strict_data')
+RESUMABLE = ('steps', 'out', 'data', 'device', 'compile', 'workers', 'log_every', 'ckpt_every', 'max_bad_steps', 'strict_data',
+             'collapse_check_from')
 
 # -------------------------------------------------------------------------------------------- the data2vec step
 
@@ -81,13 +82,16 @@ def forward_loss(model, teacher, batch, cfg):
     batch: the data module's dict (source, mask, and padding_mask or original where a modality has them; data2vec 2.0:
     ids_keep, ids_restore, and M = R / B masked copies of each sample, whose targets are the sample's: one teacher pass)."""
     mask = batch['mask']                                                          # (R, T) bool, True = masked; R = B·M
-    pred, teacher_input, padding = model(**batch)                                 # (R, T, D); what the teacher reads
+    pred, teacher_input, padding, cls = model(**batch)                            # (R, T, D); what the teacher reads
     y = teacher_targets(teacher, teacher_input, padding, cfg.target_layer, cfg.top_k, cfg.target_norm,
                         cfg.teacher_context, cfg.target_post_norm, unwrap(model).front_end)   # (B, T, D) fp32, no grad
-    if y.shape[0] != pred.shape[0]:                                               # data2vec 2.0: M copies share them
-        y = y.repeat_interleave(pred.shape[0] // y.shape[0], 0)                   # (R, T, D)
+    copies = pred.shape[0] // y.shape[0]                                          # data2vec 2.0: M copies share them
     scale = {0: None, -1: 1 / pred.shape[-1]}.get(cfg.loss_scale, cfg.loss_scale)  # None: 1/√D
-    loss = regression_loss(pred, y, mask, cfg.loss_beta, scale)
+    loss = 0.0
+    if cls is not None and cfg.cls_loss > 0:                                      # data2vec 2.0 images: the CLS loss
+        loss = cls_loss(cls, y.mean(1).repeat_interleave(copies, 0), cfg.cls_loss, cfg.loss_beta, scale)   # (R, D) targets
+    y = y.repeat_interleave(copies, 0) if copies > 1 else y                       # (R, T, D)
+    loss = loss + regression_loss(pred, y, mask, cfg.loss_beta, scale)
     return loss, dict(target_moments=masked_moments(y, mask), pred_moments=masked_moments(pred.detach().float(), mask))
 
 
@@ -250,7 +254,7 @@ def main(argv=None):
         return dict(student=unwrap(model).state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
                     config=dict(model=asdict(mcfg), train=asdict(cfg)))
     warmup_steps = int(cfg.warmup * cfg.steps)
-    guard_from = max(warmup_steps, 10)                # collapse guard: a fresh vision student predicts alike at every masked patch
+    guard_from = cfg.collapse_check_from or max(warmup_steps, 10)   # a fresh vision student predicts alike at every masked patch
     t0 = t_start = time.time()
     data_s = 0.0                                                       # time spent waiting for data since the last log line
     with StopSignal() as stop, tqdm(total=cfg.steps, initial=run.step, disable=not run.master, desc='pretraining',

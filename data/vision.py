@@ -4,7 +4,8 @@ SyntheticImages(size, seed)  shapes of 8 classes with random colours, textures, 
 ImageFolder(root)            the torchvision layout root/<class>/<image files>, headers checked at start-up.
 Both return (image uint8 (3, H, W), label int). `augment` turns one image into a float32 training crop.
 
-pretraining_data, collate                     train.py's images: BEiT augmentation and block masks
+pretraining_data, collate, collate_v2         train.py's images: BEiT augmentation and block masks (v2: MAE's, inverse
+                                              block masks)
 labelled_set, embedded, labelled_collate      finetune.py's: class folders, augmented or centre-cropped images
 bench_data                                    bench.py's noise images
 """
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from config import patch_mask_size
 from data import DataError, Repeat
-from masking import block_mask
+from masking import block_mask, inverse_block_mask, visible_order
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 
@@ -231,7 +232,7 @@ def _gray(img):
     return (0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2])[None]
 
 
-def augment(image, size, min_scale=0.08, generator=None):
+def augment(image, size, min_scale=0.08, generator=None, jitter=True):
     """data2vec-vision / BEiT pretraining augmentation: uint8 (3, H, W) → float32 (3, size, size) in [0, 1].
 
     BEiT's DataAugmentationForBEiT (microsoft/unilm, reused by data2vec vision) is torchvision's
@@ -239,7 +240,8 @@ def augment(image, size, min_scale=0.08, generator=None):
     ratio=(3/4, 4/3), bicubic). Here the crop comes first (jitter then works on size² pixels, not H·W; only
     the contrast mean changes: it is taken over the crop, not the whole image), then the flip, then the jitter
     with torchvision's tensor formulas. No mean/std normalisation (the model does it). All randomness comes
-    from torch with `generator`, so a seeded generator makes it deterministic.
+    from torch with `generator`, so a seeded generator makes it deterministic. jitter=False: MAE's augmentation
+    (data2vec 2.0: RandomResizedCrop, scale (0.2, 1), and a flip).
     """
     top, left, h, w = _crop_box(image.shape[1], image.shape[2], min_scale, generator)
     img = image[:, top:top + h, left:left + w].float()                          # crop first: convert only the crop
@@ -248,6 +250,8 @@ def augment(image, size, min_scale=0.08, generator=None):
                         antialias=True)[0].clamp(0, 1)                          # bicubic overshoots
     if torch.rand((), generator=generator) < 0.5:
         img = img.flip(-1)
+    if not jitter:
+        return img
     order = torch.randperm(3, generator=generator).tolist()             # as torchvision: order, then the factors
     factors = [_uniform(0.6, 1.4, generator) for _ in range(3)]
     jitters = (lambda x, f: x * f,                                      # brightness: blend with black
@@ -275,22 +279,33 @@ def pretraining_data(mcfg, cfg, resume_dir=None):
     """(dataset, collate) for train.py: --data (an ImageFolder) or the embedded shapes."""
     dataset = (ImageFolder(cfg.data, min_size=mcfg.image_size, strict=cfg.strict_data) if cfg.data else
                SyntheticImages(seed=0, image_size=mcfg.image_size))
-    return dataset, partial(collate, mcfg=mcfg, cfg=cfg)
+    return dataset, partial(collate_v2 if mcfg.version == 2 else collate, mcfg=mcfg, cfg=cfg)
 
 
 def collate(items, mcfg, cfg, generator=None):
     """Items → dict(source: augmented images (B, 3, H, W), mask: BEiT block masks (B, N) of round(mask_prob · N)
     patches), every random draw from `generator`. The teacher sees the same augmented image, unmasked."""
     grid, count = patch_mask_size(mcfg, cfg)
-    images = torch.stack([augment(image, mcfg.image_size, cfg.min_crop_scale, generator) for image, _ in items])
+    images = torch.stack([augment(image, mcfg.image_size, cfg.min_crop_scale, generator, cfg.color_jitter) for image, _ in items])
     return dict(source=images, mask=block_mask(len(items), (grid, grid), count, cfg.mask_length, generator=generator))
+
+
+def collate_v2(items, mcfg, cfg, generator=None):
+    """data2vec 2.0: items → dict(source (B, 3, H, W), mask (B·M, N), ids_keep (B·M, N_keep), ids_restore (B·M, N)):
+    augmented images as collate, then M = --clones inverse block masks per image (rows b·M … b·M + M − 1 are image b's),
+    each keeping exactly int(N·(1 − p)) patches, and the order that keeps those."""
+    images = torch.stack([augment(image, mcfg.image_size, cfg.min_crop_scale, generator, cfg.color_jitter) for image, _ in items])
+    mask = inverse_block_mask(len(items) * cfg.clones, mcfg.image_size // mcfg.patch_size, cfg.mask_prob, cfg.mask_length,
+                              cfg.mask_adjust, generator)                 # (B·M, N)
+    ids_keep, ids_restore = visible_order(mask)
+    return dict(source=images, mask=mask, ids_keep=ids_keep, ids_restore=ids_restore)
 
 
 def bench_data(mcfg, cfg, size, seconds=None, seed=0):
     """bench.py: `size` uint8 noise images (a pool of 4 × --batch-size), the collate, and the shape: patches per image."""
     pool = torch.randint(0, 256, (4 * cfg.batch_size, 3, mcfg.image_size, mcfg.image_size), dtype=torch.uint8,
                          generator=torch.Generator().manual_seed(seed))
-    return Repeat(pool, 0, size), partial(collate, mcfg=mcfg, cfg=cfg), dict(seconds=None, tokens_per_sample=(mcfg.image_size // mcfg.patch_size) ** 2)
+    return Repeat(pool, 0, size), partial(collate_v2 if mcfg.version == 2 else collate, mcfg=mcfg, cfg=cfg), dict(seconds=None, tokens_per_sample=(mcfg.image_size // mcfg.patch_size) ** 2)
 
 
 # ---------------------------------------------------------------------------------------------- labelled (fine-tuning)

@@ -116,7 +116,7 @@ def test_flops_match_the_matmul_count(capsys, monkeypatch, attn_dropout, attn_ba
 
 
 @pytest.mark.parametrize('flags, words', [(['--version', '3'], '--version 3: choose 1 or 2'),
-                                          (['--version', '2', '--modality', 'text'], 'implemented for speech only so far'),
+                                          (['--version', '2', '--modality', 'text'], 'implemented for speech, vision only so far'),
                                           (['--steps', '0'], '--steps 0 must be ≥ 1'),
                                           (['--warmup', '-1'], '--warmup -1 must be ≥ 0'),
                                           (['--seconds', '0'], '--seconds 0.0 must be'),

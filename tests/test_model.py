@@ -116,8 +116,8 @@ def test_padding_does_not_change_valid_frames():
     pad = torch.zeros(1, 12000, dtype=torch.bool)
     pad[:, 8000:] = True
     T = conv_output_length(8000)
-    pred, feats, frame_pad = model(padded, pad)
-    pred0, feats0, _ = model(wav)
+    pred, feats, frame_pad, _ = model(padded, pad)
+    pred0, feats0, _, _ = model(wav)
     assert frame_pad[0, :T].logical_not().all() and frame_pad[0, T:].all()
     torch.testing.assert_close(pred[:, :T], pred0, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(feats[:, :T], feats0, atol=1e-4, rtol=1e-4)
@@ -130,8 +130,8 @@ def test_teacher_reads_the_unmasked_input():
     T = conv_output_length(8000)
     none, some = torch.zeros(2, T, dtype=torch.bool), torch.zeros(2, T, dtype=torch.bool)
     some[:, 3:20] = True
-    pred0, teacher_input0, _ = model(wav, None, none)
-    pred1, teacher_input1, _ = model(wav, None, some)
+    pred0, teacher_input0, _, _ = model(wav, None, none)
+    pred1, teacher_input1, _, _ = model(wav, None, some)
     torch.testing.assert_close(teacher_input0, teacher_input1)       # the mask changes what the student sees ...
     assert not torch.allclose(pred0, pred1)                           # ... and only that
     assert not teacher_input1.requires_grad
@@ -289,7 +289,7 @@ def test_vision_student_ignores_masked_pixels_and_the_teacher_sees_them():
     mask[:, 5] = True                                                   # patch 5 = row 1, column 1 of the 4 × 4 grid
     changed = image.clone()
     changed[:, :, 8:16, 8:16] = torch.rand(2, 3, 8, 8)                  # new pixels inside that patch only
-    pred, teacher_input, padding = model(image, None, mask)
+    pred, teacher_input, padding, _ = model(image, None, mask)
     assert pred.shape == (2, 16, 32) and padding is None and torch.equal(teacher_input['source'], image)
     torch.testing.assert_close(model(changed, None, mask)[0], pred)     # the student sees the mask token there
     taps, taps2 = Teacher(model)(dict(source=image), tap='block'), Teacher(model)(dict(source=changed), tap='block')

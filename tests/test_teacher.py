@@ -161,7 +161,7 @@ def test_text_teacher_reads_the_original_tokens_through_the_shared_embedding():
     original = torch.randint(5, 300, (4, 16))
     original[:, 0], original[:, -1] = 0, 2
     source, mask = token_mask(original, 4, (5, 300), 0.15, 1, 0.1, 0.1, generator=torch.Generator().manual_seed(0))
-    _, teacher_input, _ = model(source, None, mask, original=original)
+    _, teacher_input, _, _ = model(source, None, mask, original=original)
     model.eval()
     embed = model.front_end.embed
     torch.testing.assert_close(teacher_input, embed(original))        # the uncorrupted sentence (paper), not the masked one
@@ -241,7 +241,7 @@ def test_speech_ema_front_end_averages_the_feature_encoder_and_reads_the_wavefor
     wav = torch.randn(2, 3200)
     mask = torch.zeros(2, 9, dtype=torch.bool)
     mask[:, 2:6] = True
-    _, teacher_input, padding = student(wav, None, mask)
+    _, teacher_input, padding, _ = student(wav, None, mask)
     assert torch.equal(teacher_input['source'], wav)           # the raw waveform, unmasked
     y = teacher_targets(teacher, teacher_input, padding, tap='ffn', top_k=2, norm='instance', front_end=student.front_end)
     fe = teacher.front_end
@@ -275,10 +275,10 @@ def test_speech_ema_front_end_targets_of_a_padded_batch_are_each_clips_own():
     wav[0], wav[1, :2400] = long[0], short[0]
     padding = torch.zeros(2, 4000, dtype=torch.bool)
     padding[1, 2400:] = True
-    _, teacher_input, frames = student(wav, padding, None)
+    _, teacher_input, frames, _ = student(wav, padding, None)
     y = teacher_targets(teacher, teacher_input, frames, tap='ffn', top_k=2, norm='instance', front_end=student.front_end)
     for row, clip in ((0, long), (1, short)):
-        _, alone_input, alone_frames = student(clip, None, None)
+        _, alone_input, alone_frames, _ = student(clip, None, None)
         alone = teacher_targets(teacher, alone_input, alone_frames, tap='ffn', top_k=2, norm='instance', front_end=student.front_end)
         n = alone.shape[1]
         assert int((~frames[row]).sum()) == n

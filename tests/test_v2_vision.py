@@ -1,0 +1,250 @@
+"""data2vec 2.0 for images (issue 18): inverse block masks, sine-cosine positions, the 2-D decoder, the vision student,
+its teacher, the CLS loss and the command line.
+
+    pytest tests/test_v2_vision.py
+"""
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from config import parse_train_args
+from conftest import ROOT
+from data.vision import collate_v2
+from encoders import sincos_positions_2d
+from masking import inverse_block_mask, visible_order
+from model import ConvDecoder, Data2Vec2, build_student
+from teacher import Teacher
+
+# ---- inverse block masks (fairseq compute_block_mask_2d, inverse_mask True)
+
+
+def simulate_inverse_block_mask(side, R, B, A, rng):
+    """One row of fairseq's compute_block_mask_2d with inverse_mask, as loops with Python's random (independent of
+    masking.py): keep B × B blocks around int(L·((1 − R + A)/B²)) centres drawn with replacement, fix the kept count to
+    int(L·(1 − R)) by uniform trimming or filling, invert. → a 0/1 list, 1 = masked."""
+    L, q = side * side, 1 - R
+    kept = [[0] * side for _ in range(side)]
+    for _ in range(int(L * ((q + A) / B ** 2))):
+        c = rng.randrange(L)
+        for i in range(B):
+            for j in range(B):
+                y = min(max(c // side + i - B // 2, 0), side - 1)
+                x = min(max(c % side + j - B // 2, 0), side - 1)
+                kept[y][x] = 1
+    flat = [v for row in kept for v in row]
+    target, on = int(L * q), [i for i in range(L) if flat[i]]
+    if len(on) > target:
+        for i in rng.sample(on, len(on) - target):
+            flat[i] = 0
+    elif len(on) < target:
+        for i in rng.sample([i for i in range(L) if not flat[i]], target - len(on)):
+            flat[i] = 1
+    return [1 - v for v in flat]
+
+
+def kept_blocks(row, side, B=3):
+    """How many B × B windows of a 0/1 row (1 = masked) are wholly kept: the islands' signature."""
+    return sum(all(row[(y + i) * side + x + j] == 0 for i in range(B) for j in range(B))
+               for y in range(side - B + 1) for x in range(side - B + 1))
+
+
+@pytest.mark.parametrize('side, R, A', [(14, 0.8, 0.07), (8, 0.8, 0.07), (7, 0.8, 0.07), (14, 0.75, 0.1)])
+def test_inverse_block_masks_keep_exactly_int_L_times_1_minus_R_per_row_and_clone(side, R, A):
+    L = side * side
+    mask = inverse_block_mask(16 * 8, side, R, 3, A, generator=torch.Generator().manual_seed(side))   # 16 images × M 8
+    assert mask.dtype == torch.bool and mask.shape == (128, L)
+    assert ((~mask).sum(1) == int(L * (1 - R))).all()                              # base: 39 of 196 kept, 157 masked
+    distinct = len({tuple(r.tolist()) for r in mask})                              # clones are drawn independently;
+    assert distinct == 128 if side >= 8 else distinct > 64                         # 7 × 7 keeps one 3 × 3 block of 9
+    assert abs(mask.float().mean().item() - R) < 1 / L                             # the masked fraction is R, up to int()
+
+
+def test_inverse_block_masks_match_an_independent_simulation_of_3x3_islands():
+    """Over 600 masks of 14 × 14: kept patches come in 3 × 3 islands (wholly kept 3 × 3 windows per mask, far above a
+    uniform draw of 39 patches, ≈ 0) as often as in the loop version above, with the same per-patch frequencies."""
+    side, n, rng = 14, 600, random.Random(0)
+    ours = inverse_block_mask(n, side, 0.8, 3, 0.07, generator=torch.Generator().manual_seed(0)).int().tolist()
+    sim = [simulate_inverse_block_mask(side, 0.8, 3, 0.07, rng) for _ in range(n)]
+    blocks_ours, blocks_sim = (sum(kept_blocks(r, side) for r in rows) / n for rows in (ours, sim))
+    assert blocks_sim > 2 and abs(blocks_ours - blocks_sim) < 0.1 * blocks_sim, (blocks_ours, blocks_sim)
+    uniform = [[1] * 196 for _ in range(n)]
+    for row in uniform:
+        for i in rng.sample(range(196), 39):
+            row[i] = 0
+    assert sum(kept_blocks(r, side) for r in uniform) / n < 0.05                   # not what a uniform draw gives
+    ring = torch.tensor([min(y, x, side - 1 - y, side - 1 - x) for y in range(side) for x in range(side)])   # 0 = border
+    f_ours, f_sim = ([(1 - torch.tensor(rows, dtype=torch.float)[:, ring.clamp(max=3) == d]).mean().item() for d in range(4)]
+                     for rows in (ours, sim))                                      # P(kept) by distance from the border
+    assert max(abs(a - b) for a, b in zip(f_ours, f_sim)) < 0.02, (f_ours, f_sim)  # 52, 44, 36, 64 patches
+    assert f_sim[0] < f_sim[3] - 0.02 and f_ours[0] < f_ours[3] - 0.02             # fewer centres reach a border patch
+
+
+def test_sincos_positions_equal_maes_formula():
+    """MAE get_2d_sincos_pos_embed, written out: the first half encodes the column (np.meshgrid(w, h)'s first grid),
+    the second the row; each half is [sin(p·ω), cos(p·ω)], ω_i = 1 / 10000^(i / (D/4))."""
+    D, side = 16, 5
+    pos = sincos_positions_2d(D, side)
+    assert pos.shape == (side * side, D)
+    for y in range(side):
+        for x in range(side):
+            expected = []
+            for coord in (x, y):
+                omegas = [1 / 10000 ** (i / (D / 4)) for i in range(D // 4)]
+                expected += [math.sin(coord * w) for w in omegas] + [math.cos(coord * w) for w in omegas]
+            assert pos[y * side + x].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_2d_decoder_restores_order_and_is_fairseqs_conv2d_stack():
+    torch.manual_seed(0)
+    D, C, side = 32, 32, 4
+    dec = ConvDecoder(D, decoder_dim=C, layers=2, kernel=3, groups=4, input_dropout=0.0, noise_std=0.01, grid=(side, side)).eval()
+    mask = inverse_block_mask(8, side, 0.75, 3, 0.1, generator=torch.Generator().manual_seed(1))
+    ids_keep, ids_restore = visible_order(mask)
+    kept = torch.randn(8, ids_keep.shape[1], D)
+    seen = []
+    dec.convs[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    out = dec(kept, ids_restore)
+    assert out.shape == (8, side * side, D)
+    x0 = seen[0].flatten(2).transpose(1, 2)                                         # (R, N, D), row-major patches
+    for r in range(8):
+        assert torch.equal(x0[r, ids_keep[r]], kept[r])                             # visible patches in their places
+
+    def layer(conv, h):                                                             # Conv2d → LN over C (no affine) → GELU
+        h = F.conv2d(h, conv.weight, conv.bias, padding=1, groups=4)
+        return F.gelu(F.layer_norm(h.permute(0, 2, 3, 1), (C,))).permute(0, 3, 1, 2)
+    h = layer(dec.convs[0], seen[0]) + seen[0]                                      # D = C: residual from the first layer
+    h = layer(dec.convs[1], h) + h
+    torch.testing.assert_close(out, dec.proj(h.flatten(2).transpose(1, 2)))
+
+
+def test_base_vision_sizes():
+    """ViT-B/16: patch embedding 768·3·16² + 768, CLS 768, input LN, 12 blocks; decoder 6 × Conv2d(768, k 3, 16 groups)
+    + Linear(768, 768). No mask token, no relative position bias, positions not saved."""
+    mcfg, cfg = parse_train_args(['--modality', 'vision', '--version', '2', '--preset', 'base'])
+    model = build_student(mcfg)
+    block = 4 * (768 * 768 + 768) + 2 * 768 * 3072 + 3072 + 768 + 4 * 768
+    assert model.num_params() == 768 * 3 * 256 + 768 + 768 + 2 * 768 + 12 * block == 85_647_360
+    assert sum(p.numel() for p in model.decoder.parameters()) == 6 * (768 * 48 * 9 + 768) + 768 * 768 + 768
+    assert not any('mask_token' in k or 'rel_pos' in k or 'positions' in k for k in model.state_dict())
+    assert (cfg.clones, cfg.top_k, cfg.mask_prob, cfg.mask_length, cfg.cls_loss, cfg.adam_beta2) == (16, 10, 0.8, 3, 0.01, 0.95)
+
+
+# ---- the student, teacher and step (tiny sizes)
+
+V2 = ['--modality', 'vision', '--version', '2', '--dim', '32', '--layers', '3', '--heads', '4', '--ffn-dim', '64', '--top-k', '2',
+      '--clones', '3', '--decoder-dim', '32', '--decoder-groups', '4', '--decoder-layers', '2', '--batch-size', '4',
+      '--micro-batch-size', '4']
+
+
+def v2_setup(seed=0):
+    mcfg, cfg = parse_train_args(V2)
+    torch.manual_seed(seed)
+    model = build_student(mcfg)
+    g = torch.Generator().manual_seed(seed)
+    images = [(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=g), 0) for _ in range(4)]
+    return mcfg, cfg, model, Teacher(model), collate_v2(images, mcfg, cfg, torch.Generator().manual_seed(seed))
+
+
+def test_v2_vision_batch_has_m_masks_per_image():
+    mcfg, cfg, model, teacher, batch = v2_setup()
+    assert isinstance(model, Data2Vec2) and batch['source'].shape == (4, 3, 32, 32)
+    assert batch['mask'].shape == (12, 64) and ((~batch['mask']).sum(1) == 12).all()   # int(64 · 0.2) kept
+    assert batch['ids_keep'].shape == (12, 12)
+
+
+def test_masked_pixels_change_no_student_block_output():
+    """Pixels of patches masked in every copy of their image change no block output (CLS included): the student
+    reads the visible patches only."""
+    mcfg, cfg, model, teacher, batch = v2_setup()
+    mask = inverse_block_mask(4, 8, generator=torch.Generator().manual_seed(3)).repeat_interleave(3, 0)   # (12, 64)
+    ids_keep, ids_restore = visible_order(mask)
+    pixels = mask[::3].view(4, 1, 8, 1, 8, 1).expand(4, 3, 8, 4, 8, 4).reshape(4, 3, 32, 32)   # masked patches' pixels
+    other = torch.where(pixels, torch.rand(4, 3, 32, 32), batch['source'])
+    outs = []
+    for source in (batch['source'], other):
+        taps = []
+        hooks = [b.register_forward_hook(lambda m, i, o: taps.append(o[0])) for b in model.encoder.layers]
+        model(source, mask, ids_keep, ids_restore)
+        for h in hooks:
+            h.remove()
+        outs.append(torch.stack(taps))                                              # (L, R, 1 + N_keep, D)
+    assert not torch.equal(other, batch['source'])
+    assert outs[0].shape == (3, 12, 1 + 12, 32) and torch.equal(outs[0], outs[1])
+
+
+def test_the_teacher_runs_once_per_image_on_every_patch():
+    mcfg, cfg, model, teacher, batch = v2_setup()
+    seen, teacher_rows = [], []
+    model.encoder.layers[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape))
+    teacher.encoder.register_forward_hook(lambda m, inp, out: teacher_rows.append(inp[0].shape))
+    train.forward_loss(model, teacher, batch, cfg)
+    assert seen == [(4 * 3, 1 + 12, 32)]                                            # CLS + 12 kept patches × M copies
+    assert teacher_rows == [(4, 1 + 64, 32)]                                        # one pass per image: CLS + all patches
+
+
+def test_ema_covers_the_patch_embedding_and_cls_but_not_the_decoder():
+    mcfg, cfg, model, teacher, batch = v2_setup()
+    keys = set(teacher.state_dict())
+    assert {'front_end.patch_embed.proj.weight', 'front_end.cls_token'} <= keys
+    assert keys == {k for k in model.state_dict() if not k.startswith('decoder.')}
+
+
+def test_loss_is_regression_plus_the_cls_loss_computed_here(monkeypatch):
+    """forward_loss against everything rebuilt here: the teacher's tokens (its own patch embedding of the raw image,
+    the fixed positions, its CLS), its blocks' FFN outputs, instance norm over patches, the top-K average, a final
+    LayerNorm; then L2 × 1/√D at the masked patches of the M copies, plus 0.01 × Σ over rows of ℓ(CLS output, the mean
+    target over patches)."""
+    mcfg, cfg, model, teacher, batch = v2_setup()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.01)                                       # a teacher that is not the student
+    captured, real = {}, train.regression_loss
+    monkeypatch.setattr(train, 'regression_loss', lambda pred, y, *a: captured.update(pred=pred) or real(pred, y, *a))
+    cls_out = []
+    model.encoder.layers[-1].register_forward_hook(lambda m, i, o: cls_out.append(o[0][:, 0]))
+    loss, _ = train.forward_loss(model, teacher, batch, cfg)
+    with torch.no_grad():
+        fe = teacher.front_end
+        patches = F.conv2d((batch['source'] - fe.patch_embed.mean) / fe.patch_embed.std, fe.patch_embed.proj.weight,
+                           fe.patch_embed.proj.bias, stride=4).flatten(2).transpose(1, 2)   # (4, 64, 32)
+        x = torch.cat([fe.cls_token.expand(4, 1, 32), patches + sincos_positions_2d(32, 8)], 1)
+        taps = [t[:, 1:] for t in teacher.encoder(x, None, tap='ffn')[1][-2:]]     # top K = 2, CLS dropped
+        normed = [(a - a.mean(1, keepdim=True)) / torch.sqrt(a.var(1, unbiased=False, keepdim=True) + 1e-5) for a in taps]
+        y = F.layer_norm(sum(normed) / 2, (32,))                                       # (4, 64, D): IN → average → LN
+        reg = ((captured['pred'] - y.repeat_interleave(3, 0)).square().sum(-1) / math.sqrt(32))[batch['mask']].mean()
+        cls = ((cls_out[0] - y.mean(1).repeat_interleave(3, 0)).square().sum(-1) / math.sqrt(32)).sum()   # Σ over 12 rows
+    torch.testing.assert_close(loss, reg + 0.01 * cls, rtol=1e-4, atol=1e-5)
+    assert 0.01 * cls > 0.05 * reg                                                   # far above the tolerance: it is tested
+
+
+def test_v2_vision_flags_are_checked():
+    for argv, message in [(['--mask-length', '9'], 'side of a kept block'), (['--dim', '30', '--heads', '2', '--decoder-groups', '2'], 'divisible by 4'),
+                          (['--rel-pos-bias', 'layer'], 'is for --version 1'), (['--cls-loss', '-1'], '--cls-loss -1.0 must be ≥ 0')]:
+        r = subprocess.run([sys.executable, str(ROOT / 'train.py'), '--modality', 'vision', '--version', '2', *argv],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and message in r.stderr, (argv, r.stderr[-500:])
+
+
+def test_train_then_finetune_a_v2_vision_checkpoint_from_the_command_line(tmp_path):
+    """train.py --version 2 for 2 updates, then finetune.py on its checkpoint: the decoder is dropped, the CLS token,
+    patch embedding and blocks load, and the head pools the patches (mean → fc_norm → Linear)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    pre = subprocess.run([sys.executable, str(ROOT / 'train.py'), *V2, '--steps', '2', '--workers', '0', '--out', str(tmp_path / 'pre')],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert pre.returncode == 0, pre.stderr[-2000:]
+    ft = subprocess.run([sys.executable, str(ROOT / 'finetune.py'), '--modality', 'vision', '--init', str(tmp_path / 'pre' / 'checkpoint.pt'),
+                         '--steps', '2', '--batch-size', '8', '--labeled', '16', '--out', str(tmp_path / 'ft')],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert ft.returncode == 0, ft.stderr[-2000:]
+    assert 'init pretrained' in ft.stdout and (tmp_path / 'ft' / 'metrics.json').stat().st_size > 0
+    weights = torch.load(tmp_path / 'ft' / 'finetuned.pt', weights_only=True)
+    weights = weights.get('model', weights)
+    assert not any(k.startswith('decoder.') for k in weights) and 'backbone.front_end.cls_token' in weights
+    assert 'head.fc_norm.weight' in weights
