@@ -23,7 +23,7 @@ import torch
 # without them resumes (checkpoint.resume_changes); any other missing knob is refused by name
 UNCHANGED_DEFAULTS = dict(rel_pos_bias='shared', layer_norm_eps=0.0, pos_conv_zero='every', init='', version=1, decoder_dim=384,
                           decoder_layers=4, decoder_kernel=7, decoder_groups=16, mask_noise_std=0.01, decoder_dropout=0.1, clones=8,
-                          mask_adjust=0.05, cls_loss=0.01, color_jitter=True,
+                          mask_adjust=0.05, cls_loss=0.01, cls_rows=256, color_jitter=True,
                           collapse_check_from=0)
 TAPS = ('attention', 'ffn', 'ffn_residual', 'block')  # which tensor of a block the teacher's targets use (model.Block)
 N_SPECIALS = 5                                         # <s> <pad> </s> <unk> <mask> (data.text.SPECIALS)
@@ -60,7 +60,7 @@ class ModelConfig:
     layer_scale: float = knob(1e-4, 'vision: LayerScale γ init (BEiT layer_scale_init_value)')
     rel_pos_bias: str = knob('shared', 'vision: shared (one relative position bias for every block: data2vec pretraining) | '
                                        'layer (one per block: BEiT fine-tuning, released ft1k models)')
-    drop_path: float = knob(0.0, 'vision: stochastic depth of the last block, rising linearly from 0 (paper: 0.2)')
+    drop_path: float = knob(0.0, 'vision: stochastic depth of the last block, rising linearly from 0 (paper: 0.2; v2: 0)')
     vocab_size: int = knob(50_000, 'text: BPE vocabulary (set from the tokenizer)')
     max_tokens: int = knob(512, 'text: rows of the learned position table, minus RoBERTa\'s offset of 2')
     pad_id: int = knob(1, 'text: the tokenizer\'s <pad> (set from the tokenizer)')
@@ -109,6 +109,8 @@ class TrainConfig:
                                     'centres of B × B kept blocks, then exactly int(N·(1 − p)) kept (masking.py)')
     clones: int = knob(8, 'data2vec 2.0: M, masked copies of each sample, one teacher pass for all (multi-mask)')
     cls_loss: float = knob(0.01, "data2vec 2.0 vision: the CLS loss's weight (model.cls_loss); 0 = off")
+    cls_rows: int = knob(256, 'data2vec 2.0 vision: the rows (images × M) whose CLS losses are summed, fairseq: one GPU\'s '
+                              'micro-batch (base 16 × 16, large 8 × 16); fixed here, so --micro-batch-size stays a memory setting')
     min_crop_scale: float = knob(0.08, 'vision: random resized crops cover this fraction of the image or more')
     color_jitter: bool = knob(True, "vision: BEiT's colour jitter (0.4, 0.4, 0.4) after the crop and flip (data2vec 2.0: "
                                     "MAE's crops and flips only)")
@@ -235,7 +237,7 @@ SPEECH2_TINY = dict(SPEECH_TINY, **{k: SPEECH2_BASE[k] for k in ('version', 'tar
 # cosine from 50,040 warm-up updates to 0 at 375,300, clip 4; 16 GPUs × 16 images; MAE's crops (scale 0.2–1) and flips
 VISION2_BASE = dict(version=2, dropout=0.0, attn_dropout=0.0, layerdrop=0.0, drop_path=0.0, layers=12, top_k=10,
                     target_layer='ffn', target_norm='instance', target_post_norm='layer', loss_beta=0.0, loss_scale=0.0,
-                    cls_loss=0.01, mask_prob=0.8, mask_length=3, mask_adjust=0.07, clones=16, decoder_dim=768,
+                    cls_loss=0.01, cls_rows=16 * 16, mask_prob=0.8, mask_length=3, mask_adjust=0.07, clones=16, decoder_dim=768,
                     decoder_layers=6, decoder_kernel=3, decoder_groups=16, decoder_dropout=0.0, mask_noise_std=0.01,
                     ema_start=0.9998, ema_end=0.99999, ema_anneal_steps=100_000, schedule='cosine', lr=1e-3, min_lr=0.0,
                     weight_decay=0.05, no_decay_1d=True, adam_beta2=0.95, adam_eps=1e-8, clip=4.0,
@@ -245,9 +247,9 @@ VISION2_BASE = dict(version=2, dropout=0.0, attn_dropout=0.0, layerdrop=0.0, dro
 # τ → 0.99999 over 150k (the secondary notes' Table 8: τe 1.0 over 500k; DEVIATIONS.md 46), lr 4e-4, 16 GPUs × 8 images
 VISION2_LARGE = dict(VISION2_BASE, dim=1024, layers=24, heads=16, ffn_dim=4096, top_k=18, mask_prob=0.75, mask_adjust=0.1,
                      decoder_dim=1024, decoder_layers=3, decoder_kernel=5, ema_anneal_steps=150_000, lr=4e-4,
-                     batch_size=128, micro_batch_size=8)
+                     batch_size=128, micro_batch_size=8, cls_rows=8 * 16)
 # tiny: VISION_TINY's model and images (32², 4² patches: 12 of 64 kept), base's mechanism; 16 images × M 16 = 256 rows
-# per micro-batch, base's per-GPU shape (so the CLS loss weighs as in base). ≤ 5 min on 2 CPU cores
+# per micro-batch, base's per-GPU shape. ≤ 5 min on 2 CPU cores
 VISION2_TINY = dict(VISION2_BASE, **{k: VISION_TINY[k] for k in ('image_size', 'patch_size', 'dim', 'layers', 'heads', 'ffn_dim',
                                                                   'workers', 'log_every', 'ckpt_every')},
                     top_k=3, decoder_dim=128, ema_start=0.995, ema_end=0.9999, ema_anneal_steps=300, lr=1e-3, warmup=0.1,
@@ -259,15 +261,15 @@ PRESETS_V2 = {'speech': {'tiny': SPEECH2_TINY, 'small': dict(SPEECH2_TINY, **{k:
         'image_size', 'steps', 'warmup', 'log_every', 'ckpt_every')}, ema_anneal_steps=1200),   # v1 small's changes to tiny
         'base': VISION2_BASE, 'large': VISION2_LARGE}}
 V2_ONLY = ('decoder_dim', 'decoder_layers', 'decoder_kernel', 'decoder_groups', 'mask_noise_std', 'decoder_dropout', 'clones',
-           'mask_adjust', 'cls_loss')
+           'mask_adjust', 'cls_loss', 'cls_rows')
 V1_ONLY = ('pad', 'ema_front_end',                                    # v2 speech: crops to the shortest clip; its teacher split
-           'layer_scale', 'rel_pos_bias', 'drop_path')                  # v2 vision: post-LN blocks, fixed positions
+           'layer_scale', 'rel_pos_bias')                               # v2 vision: post-LN blocks, fixed positions
 
 # flags that only one or two modalities have: anywhere else they are an error, not silently ignored
 ONLY = {'speech': ('crop', 'pad', 'crop_step', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'pos_conv_zero', 'layerdrop',
                    'feature_grad_mult', 'ema_front_end'),
         'vision': ('image_size', 'patch_size', 'layer_scale', 'drop_path', 'min_crop_scale', 'rel_pos_bias', 'cls_loss',
-                   'color_jitter'),
+                   'cls_rows', 'color_jitter'),
         'text': ('encoding', 'tokenizer', 'text_mask', 'block_size', 'vocab_size', 'max_tokens', 'pad_id', 'layerdrop')}
 SHOWN_WITHOUT_PRESET = ('modality', 'preset', 'data', 'out', 'device', 'compile', 'seed', 'resume', 'strict_data', 'pad', 'init')
 
@@ -348,7 +350,7 @@ def modality_checks(mcfg, cfg):
             (cfg.mask_length <= grid and int(grid * grid * (1 - cfg.mask_prob)) >= 1, f'--mask-length {cfg.mask_length} '
              f'(the side of a kept block) must be ≤ the grid ({grid}) and --mask-prob {cfg.mask_prob} must keep a patch of {grid ** 2}'),
             (mcfg.version == 1 or mcfg.dim % 4 == 0, f'--dim {mcfg.dim} must be divisible by 4 (data2vec 2.0\'s sine-cosine positions)'),
-            (cfg.cls_loss >= 0, f'--cls-loss {cfg.cls_loss} must be ≥ 0'),
+            (cfg.cls_loss >= 0 and cfg.cls_rows >= 1, f'--cls-loss {cfg.cls_loss} must be ≥ 0 and --cls-rows {cfg.cls_rows} ≥ 1'),
             (0 < cfg.min_crop_scale <= 1, f'--min-crop-scale {cfg.min_crop_scale} must be in (0, 1]'),
             (0 <= mcfg.drop_path < 1, f'--drop-path {mcfg.drop_path} must be in [0, 1)'),
             (mcfg.rel_pos_bias in ('shared', 'layer'), f'--rel-pos-bias {mcfg.rel_pos_bias}: choose shared or layer')],
@@ -481,6 +483,11 @@ RECIPES = {
     'text': {'base': dict(TEXT_RECIPE, steps=10_000, batch_size=32, lr=2e-5, probe_lr=1e-3, warmup=0.06),
              'tiny': dict(TEXT_RECIPE, steps=300, batch_size=32, lr=3e-4, probe_lr=3e-3, warmup=0.1)},
 }
+# data2vec 2.0 vision base (fairseq config/vision/finetuning/mae_imagenet_clean.yaml): Adam (0.9, 0.95), wd 0.05,
+# lr 1e-3 for 512 images, cosine after 16k warm-up, 250,200 updates, layer decay 0.65, drop path 0.1, label smoothing
+# 0.1; its mixup and cutmix are not built (DEVIATIONS.md 48). Other (modality, preset) pairs take RECIPES'.
+RECIPES_V2 = {('vision', 'base'): dict(RECIPES['vision']['base'], steps=250_200, batch_size=512, lr=1e-3, adam_beta2=0.95,
+                                       weight_decay=0.05, warmup=16_000 / 250_200, layer_decay=0.65, drop_path=0.1)}
 TASKS = {'speech': ('ctc', 'classify'), 'vision': ('classify',), 'text': ('classify',)}
 
 
@@ -512,10 +519,12 @@ def parse_finetune_args(argv=None):
     return cfg
 
 
-def fill_recipe(cfg, preset):
+def fill_recipe(cfg, preset, version=1):
     """Knobs not given as flags take the recipe's value (the lr: probe_lr under --linear-probe), so --no-no-decay-1d or
-    --lr 0 mean what they say. → None, or the error message of an out-of-range value."""
-    recipe = dict(RECIPES[cfg.modality][preset])
+    --lr 0 mean what they say; a data2vec 2.0 encoder takes RECIPES_V2's where it has one. → None, or the error
+    message of an out-of-range value."""
+    v2 = RECIPES_V2.get((cfg.modality, preset)) if version == 2 else None
+    recipe = dict(v2 or RECIPES[cfg.modality][preset])
     probe_lr, head_lr = recipe.pop('probe_lr'), recipe.pop('head_lr', 0.0)
     recipe['lr'] = probe_lr if cfg.linear_probe else recipe['lr']
     if cfg.task == 'classify' or cfg.linear_probe:                # SpecAugment is CTC fine-tuning's (DEVIATIONS.md)

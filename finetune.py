@@ -326,7 +326,7 @@ def main(argv=None):
         raise DataError('--steps 0: the released head reads the last block; leave out --linear-probe and --probe-layers')
     if own_head:                                                              # nothing trains: all of one set is scored
         cfg.data = cfg.test_data = cfg.test_data or cfg.data
-    problem = fill_recipe(cfg, preset)
+    problem = fill_recipe(cfg, preset, mcfg.version)
     if problem:
         raise DataError(problem)
     changes = run.ckpt and resume_changes(run.ckpt['config']['finetune'], asdict(cfg), RESUMABLE, run.path)

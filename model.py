@@ -61,26 +61,28 @@ class Block(nn.Module):
     """Post-LN Transformer block (fairseq TransformerSentenceEncoderLayer, HF Data2VecAudioEncoderLayer).
 
         a  = SelfAttention(x)                      tap 'attention'
-        r  = LN₁(x + Dropout(a))
+        r  = LN₁(x + DropPath(Dropout(a)))
         f  = fc₂(GELU(fc₁(r)))                     tap 'ffn'           ← the paper's target: FFN output before the last residual
-        s  = r + Dropout(f)                        tap 'ffn_residual'
+        s  = r + DropPath(Dropout(f))              tap 'ffn_residual'
         x' = LN₂(s)                                tap 'block'         (end of block)
+
+    DropPath (stochastic depth, drop_path): 0 in pretraining; data2vec 2.0 vision fine-tuning (fairseq AltBlock).
     """
 
-    def __init__(self, dim, heads, ffn_dim, dropout=0.1, attn_dropout=0.1, eps=1e-5):
+    def __init__(self, dim, heads, ffn_dim, dropout=0.1, attn_dropout=0.1, eps=1e-5, drop_path=0.0):
         super().__init__()
         self.self_attn = SelfAttention(dim, heads, attn_dropout)
         self.self_attn_layer_norm = nn.LayerNorm(dim, eps=eps)
         self.fc1, self.fc2 = nn.Linear(dim, ffn_dim), nn.Linear(ffn_dim, dim)
         self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout, self.drop_path = nn.Dropout(dropout), drop_path
 
     def forward(self, x, attn_mask=None, tap=None):
         """x: (B, T, D) → (x', the chosen tap (B, T, D) or None)."""
         a = self.self_attn(x, attn_mask)
-        r = self.self_attn_layer_norm(x + self.dropout(a))
+        r = self.self_attn_layer_norm(x + drop_path(self.dropout(a), self.drop_path, self.training))
         f = self.fc2(F.gelu(self.fc1(r)))                                     # (B, T, ffn_dim) → (B, T, D)
-        s = r + self.dropout(f)
+        s = r + drop_path(self.dropout(f), self.drop_path, self.training)
         out = self.final_layer_norm(s)
         return out, dict(attention=a, ffn=f, ffn_residual=s, block=out).get(tap)
 
@@ -155,8 +157,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, pre_ln=False, input_norm=True, eps=1e-5, layer_bias=None):
         super().__init__()
         self.pre_ln = pre_ln
+        rates = [cfg.drop_path * i / max(cfg.layers - 1, 1) for i in range(cfg.layers)]      # linear 0 → drop_path
         if pre_ln:
-            rates = [cfg.drop_path * i / max(cfg.layers - 1, 1) for i in range(cfg.layers)]  # linear 0 → drop_path
             self.layers = nn.ModuleList(PreLNBlock(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.attn_dropout, rate, cfg.layer_scale,
                                                    cfg.dropout, eps, layer_bias) for rate in rates)
             self.norm = nn.LayerNorm(cfg.dim, eps=eps)                       # BEiT's final norm
@@ -164,8 +166,8 @@ class Transformer(nn.Module):
         else:
             self.layer_norm = nn.LayerNorm(cfg.dim, eps=eps) if input_norm else nn.Identity()   # text: the embedding's LN
             self.dropout = nn.Dropout(cfg.dropout)
-            self.layers = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.dropout, cfg.attn_dropout, eps)
-                                        for _ in range(cfg.layers))
+            self.layers = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.dropout, cfg.attn_dropout, eps, rate)
+                                        for rate in rates)
             self.norm = nn.Identity()
             self.layerdrop = cfg.layerdrop
             self.apply(init_bert_params)                                       # BEiT's init is init_beit_, with the front-end
@@ -351,16 +353,16 @@ def regression_loss(pred, target, mask, beta=0.0, scale=None):
     return (per_step * mask).sum() / mask.sum()
 
 
-def cls_loss(cls, target, weight, beta=0.0, scale=None):
+def cls_loss(cls, target, weight, rows, beta=0.0, scale=None):
     """data2vec 2.0 images (fairseq cls_loss): the student's final CLS output regresses the mean over patches of its
-    sample's targets, each of the R rows (copies) one term, summed and weighted by `weight` × the masked count:
+    sample's targets, one term per row (copy):
 
-        L_cls = weight · n_masked · Σ_r ℓ(cls_r, (1/T) Σ_t y_r,t) / n_masked = weight · Σ_r ℓ(cls_r, ȳ_r)
+        L_cls = weight · rows · (1/R) Σ_r ℓ(cls_r, ȳ_r),   ȳ_r = (1/T) Σ_t y_r,t
 
-    ℓ is regression_loss's per-step term. fairseq sums every loss and divides by the masked count (its sample size)
-    per GPU; dividing here too makes the total regression_loss + L_cls. So the CLS term's share grows with the rows per
-    micro-batch, as with fairseq's per-GPU batch (base: 16 images × M 16 = 256 rows). cls (R, D), target (R, D).
+    ℓ is regression_loss's per-step term. fairseq adds weight · n_masked · Σ_r ℓ to the summed regression loss and
+    divides everything by n_masked, per GPU: the CLS term is weight · Σ_r ℓ over one GPU's R rows (base: 16 images × M
+    16 = 256). Here `rows` (--cls-rows) is that R, so the result is the same at any --micro-batch-size.
+    cls (R, D), target (R, D).
     """
-    rows = torch.ones(cls.shape[0], 1, dtype=torch.bool, device=cls.device)           # (R, 1): each row one "step"
-    return weight * cls.shape[0] * regression_loss(cls[:, None], target[:, None], rows, beta, scale)   # R × the mean
-
+    every = torch.ones(cls.shape[0], 1, dtype=torch.bool, device=cls.device)          # (R, 1): each row one "step"
+    return weight * rows * regression_loss(cls[:, None], target[:, None], every, beta, scale)   # the mean over rows × rows

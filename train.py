@@ -89,7 +89,7 @@ def forward_loss(model, teacher, batch, cfg):
     scale = {0: None, -1: 1 / pred.shape[-1]}.get(cfg.loss_scale, cfg.loss_scale)  # None: 1/√D
     loss = 0.0
     if cls is not None and cfg.cls_loss > 0:                                      # data2vec 2.0 images: the CLS loss
-        loss = cls_loss(cls, y.mean(1).repeat_interleave(copies, 0), cfg.cls_loss, cfg.loss_beta, scale)   # (R, D) targets
+        loss = cls_loss(cls, y.mean(1).repeat_interleave(copies, 0), cfg.cls_loss, cfg.cls_rows, cfg.loss_beta, scale)
     y = y.repeat_interleave(copies, 0) if copies > 1 else y                       # (R, T, D)
     loss = loss + regression_loss(pred, y, mask, cfg.loss_beta, scale)
     return loss, dict(target_moments=masked_moments(y, mask), pred_moments=masked_moments(pred.detach().float(), mask))
@@ -130,12 +130,13 @@ def train_step(model, teacher, optimizer, micro_batches, step, cfg, autocast, lo
 
 
 def param_groups(model, cfg):
-    """--no-decay-1d (BEiT): biases, norms, LayerScale γ (1-D) and the CLS token without weight decay; else all decay (fairseq)."""
+    """--no-decay-1d: biases, norms, LayerScale γ (1-D) without weight decay, and the CLS token (BEiT, v1; fairseq's
+    v2 optim_overrides exempt 1-D parameters only); else all decay (fairseq's plain Adam)."""
     if not cfg.no_decay_1d:
         return model.parameters()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim == 1 or name.endswith('cls_token') else decay).append(p)
+        (no_decay if p.ndim == 1 or (name.endswith('cls_token') and model.cfg.version == 1) else decay).append(p)
     return [dict(params=decay), dict(params=no_decay, weight_decay=0.0)]
 
 
