@@ -19,6 +19,7 @@ Outputs in --out: speed.md (a table and the ratios) and speed.png (accuracy agai
 import argparse
 import statistics
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -167,7 +168,7 @@ def plot(curves, means, target, path, timing):
             ax.axhline(target, color='gray', ls=':', label=f'the target ({target:.2f})')
         ax.set(xlabel=xlabel, ylabel='probe accuracy')
         ax.grid(alpha=0.3)
-    axes[0].set_title('against time (' + ', '.join(f'{lb}: {timing(lb)}' for lb in curves) + ')', fontsize=8)
+    axes[0].set_title('against time\n' + textwrap.fill(', '.join(f'{lb}: {timing(lb)}' for lb in curves), 90), fontsize=8)
     axes[1].set_title('against updates', fontsize=9)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
