@@ -129,7 +129,7 @@ def report(args):
     means = {lb: mean_curve(c) for lb, c in curves.items()}
     for lb in labels:
         for u, t, a, sd, n in means[lb]:
-            per = ', '.join(f'{next(acc for uu, _, acc in c if uu == u) * 100:.0f}' for c in curves[lb].values())
+            per = ', '.join(f'{next(acc for uu, _, acc in c if uu == u) * 100:.1f}'.removesuffix('.0') for c in curves[lb].values())
             lines.append(f'| {lb} | {u or "scratch"} | {t:.0f} | {a:.3f} ± {sd:.3f} | {n} | {per} |')
     target = None
     for lb in labels[1:]:
