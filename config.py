@@ -24,7 +24,7 @@ import torch
 UNCHANGED_DEFAULTS = dict(rel_pos_bias='shared', layer_norm_eps=0.0, pos_conv_zero='every', init='', version=1, decoder_dim=384,
                           decoder_layers=4, decoder_kernel=7, decoder_groups=16, mask_noise_std=0.01, decoder_dropout=0.1, clones=8,
                           mask_adjust=0.05, cls_loss=0.01, cls_rows=256, color_jitter=True,
-                          collapse_check_from=0)
+                          collapse_check_from=0, decoder_residual=True, decoder_projection_layers=1)
 TAPS = ('attention', 'ffn', 'ffn_residual', 'block')  # which tensor of a block the teacher's targets use (model.Block)
 N_SPECIALS = 5                                         # <s> <pad> </s> <unk> <mask> (data.text.SPECIALS)
 
@@ -38,7 +38,7 @@ class ModelConfig:
     """Architecture. Defaults are data2vec Base for speech (fairseq base_librispeech.yaml); PRESETS has the others."""
     modality: str = knob('speech', 'speech | vision | text')
     version: int = knob(1, 'data2vec version: 1 (2022) | 2 (data2vec 2.0, 2023: visible steps only, a conv decoder, M masks '
-                           'per sample; speech and vision so far)')
+                           'per sample)')
     dim: int = knob(768, 'D: model width')
     layers: int = knob(12, 'L: Transformer blocks')
     heads: int = knob(12, 'attention heads')
@@ -68,6 +68,9 @@ class ModelConfig:
     decoder_layers: int = knob(4, 'data2vec 2.0: the conv decoder\'s layers')
     decoder_kernel: int = knob(7, 'data2vec 2.0: their kernel')
     decoder_groups: int = knob(16, 'data2vec 2.0: their groups')
+    decoder_residual: bool = knob(True, "data2vec 2.0: a residual around each decoder layer (text: none, fairseq decoder_residual)")
+    decoder_projection_layers: int = knob(1, "data2vec 2.0: the decoder's output projection: 1 (a Linear C → D) | 2 (C → 2C → "
+                                             "GELU → D: text)")
     mask_noise_std: float = knob(0.01, 'data2vec 2.0: σ of the Gaussian noise the decoder reads at masked steps (fairseq mask_noise_std)')
     decoder_dropout: float = knob(0.1, "data2vec 2.0: dropout on the decoder's input (fairseq decoder.input_dropout)")
     layer_norm_eps: float = knob(0.0, 'ε of the LayerNorms in and around the blocks; 0 = the released code\'s: 1e-5 (speech, '
@@ -254,16 +257,44 @@ VISION2_TINY = dict(VISION2_BASE, **{k: VISION_TINY[k] for k in ('image_size', '
                                                                   'workers', 'log_every', 'ckpt_every')},
                     top_k=3, decoder_dim=128, ema_start=0.995, ema_end=0.9999, ema_anneal_steps=300, lr=1e-3, warmup=0.1,
                     steps=300, batch_size=16, micro_batch_size=16, min_crop_scale=0.35)
+# data2vec 2.0 text (fairseq examples/data2vec/config/v2/base_text_only_task.yaml): RoBERTa-base's embeddings and 12
+# post-LN blocks, random masks of p 0.48 (MAE's argsort of noise; never a special token, DEVIATIONS.md 49), the student
+# reads the visible tokens only, M 8, a 1-D decoder of 5 layers C 768, kernel 9, 1 group, no residual, a 2-layer
+# projection (C → 2C → GELU → D); IN per block → the average of all 12 FFN outputs, no final norm; L2 × loss_scale 1;
+# the teacher averages the blocks only (ema_encoder_only) and reads the student's embedding; τ 0.9999 → 0.99999 over
+# 100k; Adam (0.9, 0.98) ε 1e-6 wd 0.01, no decay on 1-D parameters (composite optimizer: optim_overrides), lr 2e-4,
+# cosine after 4k warm-up to 0 at 1M updates, clip 1; 16 GPUs × 4 blocks of 512 tokens (sample_break_mode none)
+TEXT2_BASE = dict(TEXT_BASE, version=2, dropout=0.1, attn_dropout=0.1, layerdrop=0.0, top_k=12, target_layer='ffn',
+                  target_norm='instance', target_post_norm='none', loss_beta=0.0, loss_scale=1.0, mask_prob=0.48, mask_length=1,
+                  clones=8, decoder_dim=768, decoder_layers=5, decoder_kernel=9, decoder_groups=1, decoder_residual=False,
+                  decoder_projection_layers=2, decoder_dropout=0.1, mask_noise_std=0.01, ema_start=0.9999, ema_end=0.99999,
+                  ema_anneal_steps=100_000, schedule='cosine', lr=2e-4, min_lr=0.0, weight_decay=0.01, no_decay_1d=True,
+                  adam_beta2=0.98, adam_eps=1e-6, clip=1.0, warmup=4_000 / 1_000_000, steps=1_000_000, batch_size=64,
+                  micro_batch_size=4, log_every=200, ckpt_every=50_000)
+# large (large_text_only_task.yaml): 24 blocks of 1024, K 24, LayerNorm per block and instance norm on the average, p 0.5,
+# lr 1e-4, 600k updates, 32 GPUs × 2 blocks; the decoder stays C 768
+TEXT2_LARGE = dict(TEXT2_BASE, dim=1024, layers=24, heads=16, ffn_dim=4096, top_k=24, target_norm='layer',
+                   target_post_norm='instance', mask_prob=0.5, lr=1e-4, steps=600_000, warmup=4_000 / 600_000, micro_batch_size=2)
+# tiny: TEXT_TINY's model and blocks of 64 tokens, base's mechanism: K = all 4 blocks (base: all 12), C = D, τ as v1 tiny;
+# 8 blocks × M 8 per update, a quarter of v1 tiny's 32 blocks as base's 64 are of v1 base's 256. ≤ 5 min on 2 CPU cores
+TEXT2_TINY = dict(TEXT2_BASE, **{k: TEXT_TINY[k] for k in ('vocab_size', 'max_tokens', 'block_size', 'dim', 'layers', 'heads',
+                                                           'ffn_dim', 'workers', 'log_every', 'ckpt_every', 'steps')},
+                  top_k=4, decoder_dim=64, ema_start=0.999, ema_end=0.9999, ema_anneal_steps=300, lr=1e-3, warmup=0.1,
+                  batch_size=8, micro_batch_size=8)
 PRESETS_V2 = {'speech': {'tiny': SPEECH2_TINY, 'small': dict(SPEECH2_TINY, **{k: PRESETS['speech']['small'][k] for k in (
     'pos_conv_depth', 'steps', 'ema_anneal_steps', 'log_every', 'ckpt_every')}),   # v1 small's changes to tiny
     'base': SPEECH2_BASE, 'large': SPEECH2_LARGE},
     'vision': {'tiny': VISION2_TINY, 'small': dict(VISION2_TINY, **{k: PRESETS['vision']['small'][k] for k in (
         'image_size', 'steps', 'warmup', 'log_every', 'ckpt_every')}, ema_anneal_steps=1200),   # v1 small's changes to tiny
-        'base': VISION2_BASE, 'large': VISION2_LARGE}}
-V2_ONLY = ('decoder_dim', 'decoder_layers', 'decoder_kernel', 'decoder_groups', 'mask_noise_std', 'decoder_dropout', 'clones',
-           'mask_adjust', 'cls_loss', 'cls_rows')
+        'base': VISION2_BASE, 'large': VISION2_LARGE},
+    'text': {'tiny': TEXT2_TINY, 'small': dict(TEXT2_TINY, **{k: PRESETS['text']['small'][k] for k in (
+        'steps', 'ema_anneal_steps', 'log_every', 'ckpt_every')}),   # v1 small's changes to tiny
+        'base': TEXT2_BASE, 'large': TEXT2_LARGE}}
+V2_ONLY = ('decoder_dim', 'decoder_layers', 'decoder_kernel', 'decoder_groups', 'decoder_residual', 'decoder_projection_layers',
+           'mask_noise_std', 'decoder_dropout', 'clones', 'mask_adjust', 'cls_loss', 'cls_rows')
 V1_ONLY = ('pad', 'ema_front_end',                                    # v2 speech: crops to the shortest clip; its teacher split
-           'layer_scale', 'rel_pos_bias')                               # v2 vision: post-LN blocks, fixed positions
+           'layer_scale', 'rel_pos_bias',                               # v2 vision: post-LN blocks, fixed positions
+           'text_mask')                                                 # v2 text: random masks of --mask-prob
 
 # flags that only one or two modalities have: anywhere else they are an error, not silently ignored
 ONLY = {'speech': ('crop', 'pad', 'crop_step', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'pos_conv_zero', 'layerdrop',
@@ -305,8 +336,6 @@ def parse_train_args(argv=None):
         p.error(f'--modality {modality}: choose from {", ".join(PRESETS)}')
     if version not in (1, 2):
         p.error(f'--version {version}: choose 1 or 2')
-    if version == 2 and modality not in PRESETS_V2:
-        p.error(f'--version 2: data2vec 2.0 is implemented for {", ".join(PRESETS_V2)} only so far, not {modality}')
     if preset not in presets:
         p.error(f'--preset {preset}: choose from {", ".join(presets)}' + (' (data2vec 2.0)' if version == 2 else ''))
     for name in set(V2_ONLY if version == 1 else V1_ONLY) & set(args):
@@ -333,6 +362,11 @@ def patch_mask_size(mcfg, cfg):
     return grid, round(cfg.mask_prob * grid ** 2)
 
 
+def random_mask_count(T, mask_prob):
+    """data2vec 2.0 text: the tokens masked in each block of T, T − int(T·(1 − p)) (fairseq random_masking keeps int(T·(1 − p)))."""
+    return T - int(T * (1 - mask_prob))
+
+
 def modality_checks(mcfg, cfg):
     """(ok, message) for the flags only one modality has (ONLY); the others' values are never used there."""
     grid, count = patch_mask_size(mcfg, cfg)
@@ -357,6 +391,9 @@ def modality_checks(mcfg, cfg):
         'text': [
             (3 <= cfg.block_size <= mcfg.max_tokens, f'--block-size {cfg.block_size} must be in [3, --max-tokens {mcfg.max_tokens}]'),
             (cfg.text_mask in ('bert', 'span'), f'--text-mask {cfg.text_mask}: choose bert or span'),
+            (mcfg.version == 1 or random_mask_count(cfg.block_size, cfg.mask_prob) <= cfg.block_size - 2,
+             f'--mask-prob {cfg.mask_prob} masks {random_mask_count(cfg.block_size, cfg.mask_prob)} of --block-size '
+             f'{cfg.block_size} tokens, more than the {cfg.block_size - 2} between <s> and </s>'),
             (mcfg.vocab_size >= 256 + N_SPECIALS, f'--vocab-size {mcfg.vocab_size} must be ≥ {256 + N_SPECIALS}: 256 bytes + specials')],
     }[mcfg.modality]
 

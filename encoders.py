@@ -23,6 +23,7 @@ text (RoBERTa, data2vec text v1; `TextFrontEnd`):
     token ids (B, T), masked in the ids (<mask>) ─ token embedding + learned position embedding (offset pad + 1)
         ─ LayerNorm ─→ tokens (B, T, D); no √D embedding scaling
     the teacher reads the embedding of the original ids through the student's embedding: shared
+    data2vec 2.0: the ids unmasked; the student reads the visible tokens' embeddings only
 
 Legend: B batch, S waveform samples, T frames or tokens, C conv channels, D model width, N patches, H heads.
 Mask convention (masking.py): mask is bool (B, T), True = masked.
@@ -486,6 +487,11 @@ class TextFrontEnd(FrontEnd):
     Shared with the teacher (fairseq `ema_transformer_layers_only`): the teacher reads the embedding of the ORIGINAL
     ids through the student's embedding (the paper; fairseq feeds it the masked ids only, issue #4881). Post-LN
     blocks, no LayerNorm before them (the embedding ends in one); head_layers 2 (fairseq data2vec_text).
+
+    data2vec 2.0 (cfg.version 2, fairseq modalities/text.py): the same embedding, once per block (`local`); the
+    student reads the visible tokens' embeddings only (`visible`), no <mask> id. The teacher still averages the blocks
+    only (ema_encoder_only) and reads the student's embedding of the unmasked ids, without its dropout (fairseq
+    reads the dropped-out local features: DEVIATIONS.md 50).
     """
     input_norm, head_layers = False, 2
 
@@ -499,6 +505,16 @@ class TextFrontEnd(FrontEnd):
         with torch.no_grad():
             teacher_input = self.embed(original) if teacher else None        # (B, T, D)
         return self.embed(source), padding_mask, teacher_input
+
+    def local(self, source):
+        """data2vec 2.0: the embeddings of the (unmasked) ids (B, T, D), once for all M copies; the teacher reads them."""
+        x = self.embed(source)                                                # (B, T, D)
+        return x, x.detach()
+
+    def visible(self, x, mask, ids_keep):
+        """data2vec 2.0's student input: x (R, T, D) → the visible tokens (R, T_keep, D); no bias (positions are in the
+        embeddings, and pretraining blocks have no padding)."""
+        return x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1])), None
 
 
 FRONT_ENDS = dict(speech=SpeechFrontEnd, vision=ImageFrontEnd, text=TextFrontEnd)

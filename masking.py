@@ -8,8 +8,8 @@ Speech uses wav2vec 2.0 span masking with the semantics of fairseq `compute_mask
 Vision uses BEiT's block-wise masking on the patch grid (data2vec vision v1: 120 of 196 patches).
 Both give every row of a batch the same masked count, so shapes stay static for torch.compile.
 Text uses BERT masking or its wav2vec-style span variant (fairseq MaskTokensDataset), on token ids.
-data2vec 2.0 (--version 2): speech uses block_mask_1d, images inverse_block_mask, exact counts per row and per clone
-(exact_count).
+data2vec 2.0 (--version 2): speech uses block_mask_1d, images inverse_block_mask, text random_mask, exact counts per row
+and per clone (exact_count).
 
     python masking.py        # saves masks.png (span masks, BEiT's block masks, data2vec 2.0's inverse block masks)
 """
@@ -149,6 +149,20 @@ def inverse_block_mask(rows, side, mask_prob=0.8, block=3, adjust=0.07, generato
     x = (centres[..., None, None] % side + offsets).clamp(0, side - 1)             # (R, n_c, 1, B)
     kept = torch.zeros(rows, L, dtype=torch.bool).scatter_(1, (y * side + x).flatten(1), True)   # (R, L)
     return ~exact_count(kept, int(L * keep), generator)
+
+
+def random_mask(candidates, count, generator=None):
+    """data2vec 2.0 text masks (fairseq random_masking, MAE's): (R, T) bool, exactly `count` masked steps per row.
+
+        noise u_t ~ U[0, 1) at each step; the `count` candidate steps of smallest u are masked
+
+    i.e. a uniformly random subset of `count` of the candidate steps, drawn afresh for every row and clone. candidates:
+    (R, T) bool, the steps that may be masked (text: ordinary tokens, never <s>, </s>, <pad>: DEVIATIONS.md 49); fairseq
+    draws among all T steps. count: config.random_mask_count, T − int(T·(1 − p)), fairseq's. Every row needs ≥ count."""
+    if int(candidates.sum(1).min()) < count:
+        raise ValueError(f'random_mask: a row has {int(candidates.sum(1).min())} candidate steps, fewer than the {count} to mask')
+    noise = torch.rand(candidates.shape, generator=generator) + (~candidates).float()   # (R, T): non-candidates sort last
+    return torch.zeros_like(candidates).scatter_(1, noise.argsort(1)[:, :count], True)  # (R, T)
 
 
 def visible_order(mask):

@@ -13,9 +13,9 @@ The modality lives in the front-end (encoders.py); this file has no modality bra
 The blocks are the released models': post-LN for speech and text (wav2vec 2.0 / fairseq, RoBERTa), BEiT's
 pre-LN blocks with LayerScale for vision (data2vec vision v1). All expose the same block taps.
 
-data2vec 2.0 (Baevski et al., 2023; --version 2, speech and images so far) is Data2Vec2: the same front-ends and
-blocks, but the blocks see the visible steps only, of M masked copies of each sample, and a ConvDecoder replaces the
-regression head; images add a CLS loss (cls_loss).
+data2vec 2.0 (Baevski et al., 2023; --version 2) is Data2Vec2: the same front-ends and blocks, but the blocks see the
+visible steps only, of M masked copies of each sample, and a ConvDecoder replaces the regression head; images add a
+CLS loss (cls_loss).
 
 Legend:  B batch · S waveform samples · T time steps (frames, tokens, or image patches N) · D model width
          H heads · L blocks · K top-K target blocks · M masked steps.
@@ -269,7 +269,8 @@ class ConvDecoder(nn.Module):
 
     The convolutions run along time (Conv1d), or with `grid` (h, w) on the patch grid (Conv2d, images).
     speech base: 4 layers, C = 384, kernel 7, 16 groups, input dropout 0.1. images base: 6 layers, C = 768, kernel 3,
-    16 groups, no input dropout. Both residual. The loss keeps the masked steps.
+    16 groups, no input dropout. Both residual. text base: 5 layers, C = 768, kernel 9, 1 group, input dropout 0.1, no
+    residual (xₗ = conv_ln_gelu(convₗ, xₗ₋₁)), projection_layers 2. The loss keeps the masked steps.
     forward(x (R, T_keep, D), ids_restore (R, T)) → (R, T, D).
     """
 
@@ -305,18 +306,20 @@ class Data2Vec2(Data2Vec):
 
         speech  local = the feature encoder; visible = zeroed masked frames → positional conv → the kept frames, ALiBi
         images  local = patch embedding + fixed positions; visible = the kept patches behind a CLS token
+        text    local = token + position embeddings → LayerNorm; visible = the kept tokens
 
     The teacher reads the unmasked input once per sample (train.forward_loss repeats its targets M times): the
-    student's features (speech) or the image (images). encode() is Data2Vec's: the whole input, for fine-tuning.
+    student's features (speech, text) or the image (images). encode() is Data2Vec's: the whole input, for fine-tuning.
     """
     head = 'decoder'
 
     def make_head(self, cfg):
         self.decoder = ConvDecoder(cfg.dim, cfg.decoder_dim, cfg.decoder_layers, cfg.decoder_kernel, cfg.decoder_groups,
-                                   input_dropout=cfg.decoder_dropout, noise_std=cfg.mask_noise_std, grid=self.front_end.grid)
+                                   cfg.decoder_residual, cfg.decoder_projection_layers, cfg.decoder_dropout,
+                                   cfg.mask_noise_std, self.front_end.grid)
 
     def forward(self, source, mask, ids_keep, ids_restore, padding_mask=None):
-        """source (B, S | 3, H, W), mask (R, T) bool with rows b·M … b·M + M − 1 for sample b, ids_keep (R, T_keep),
+        """source (B, S | 3, H, W | T), mask (R, T) bool with rows b·M … b·M + M − 1 for sample b, ids_keep (R, T_keep),
         ids_restore (R, T) (masking.visible_order) → pred (R, T, D), the teacher's input, padding None, and the final
         output at the prefix (R, D) (images: the CLS token's, for the CLS loss) or None."""
         features, teacher_input = self.front_end.local(source)                 # (B, T, D): one pass for all M copies

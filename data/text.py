@@ -7,6 +7,7 @@ pack_blocks(docs, tok, B)   one token stream (</s> between documents) cut into b
 TokenBlocks(blocks)         those blocks as a dataset: item i → (LongTensor (B,), 0).
 
 pretraining_data, collate                     train.py's text: the tokenizer, packed blocks, BERT or span masking
+collate_v2                                    data2vec 2.0: M random masks per block (masking.random_mask)
 labelled_set, embedded, prepare_labelled, labelled_collate   finetune.py's: sentences (pairs) and labels → token ids
 bench_data                                    bench.py's random token blocks
 """
@@ -25,8 +26,9 @@ from tqdm import tqdm
 
 from torch.nn.utils.rnn import pad_sequence
 
+from config import random_mask_count
 from data import DataError, Repeat
-from masking import token_mask
+from masking import random_mask, token_mask, visible_order
 
 SPECIALS = ('<s>', '<pad>', '</s>', '<unk>', '<mask>')       # RoBERTa's; ids 0..4 in every tokenizer trained here
 BOS, PAD, EOS, UNK, MASK = range(5)                          # (a loaded RoBERTa vocab has <mask> at 50264: look it up)
@@ -435,6 +437,8 @@ def pretraining_data(mcfg, cfg, resume_dir=None):
                  train_tokenizer(documents, mcfg.vocab_size, cfg.data and tokenizer_cache_path(cfg.data, mcfg.vocab_size)))
     mcfg.vocab_size, mcfg.pad_id = tokenizer.get_vocab_size(), tokenizer.token_to_id('<pad>')
     dataset = TokenBlocks(pack_blocks(documents, tokenizer, cfg.block_size), tokenizer, unreadable)
+    if mcfg.version == 2:
+        return dataset, partial(collate_v2, cfg=cfg, ordinary=ordinary_ids(tokenizer))
     return dataset, partial(collate, cfg=cfg, mask_id=tokenizer.token_to_id('<mask>'), ordinary=ordinary_ids(tokenizer))
 
 
@@ -447,6 +451,18 @@ def collate(items, cfg, mask_id, ordinary, generator=None):
     return dict(source=source, mask=mask, original=original)
 
 
+def collate_v2(items, cfg, ordinary, generator=None):
+    """data2vec 2.0: items → dict(source: the blocks (B, T), unmasked (no <mask> id: the student drops the masked tokens),
+    mask (B·M, T), ids_keep (B·M, T_keep), ids_restore (B·M, T)): M = --clones random masks per block (rows b·M … b·M + M − 1
+    are block b's), each of exactly random_mask_count(T, p) ordinary tokens, never a special or <pad>."""
+    source = torch.stack([block for block, _ in items])                     # (B, T)
+    lo, hi = ordinary
+    candidates = ((source >= lo) & (source < hi)).repeat_interleave(cfg.clones, 0)   # (B·M, T)
+    mask = random_mask(candidates, random_mask_count(source.shape[1], cfg.mask_prob), generator)
+    ids_keep, ids_restore = visible_order(mask)
+    return dict(source=source, mask=mask, ids_keep=ids_keep, ids_restore=ids_restore)
+
+
 def bench_data(mcfg, cfg, size, seconds=None, seed=0):
     """bench.py: `size` blocks <s> … </s> of random ordinary ids in data.text's layout (specials 0–4, <mask> taken as
     the last id), the collate, and the shape: tokens per block. Sets mcfg.pad_id to <pad>."""
@@ -454,7 +470,8 @@ def bench_data(mcfg, cfg, size, seconds=None, seed=0):
     n, inner = 4 * cfg.batch_size, cfg.block_size - 2
     pool = torch.randint(UNK + 1, mcfg.vocab_size - 1, (n, inner), generator=torch.Generator().manual_seed(seed))  # (n, T − 2)
     pool = torch.cat([torch.full((n, 1), BOS), pool, torch.full((n, 1), EOS)], 1)                               # (n, T)
-    masking = partial(collate, cfg=cfg, mask_id=mcfg.vocab_size - 1, ordinary=(UNK + 1, mcfg.vocab_size - 1))
+    masking = (partial(collate_v2, cfg=cfg, ordinary=(UNK + 1, mcfg.vocab_size - 1)) if mcfg.version == 2 else
+               partial(collate, cfg=cfg, mask_id=mcfg.vocab_size - 1, ordinary=(UNK + 1, mcfg.vocab_size - 1)))
     return Repeat(pool, 0, size), masking, dict(seconds=None, tokens_per_sample=cfg.block_size)
 
 

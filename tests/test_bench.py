@@ -24,7 +24,9 @@ def run(capsys, *flags):
 @pytest.mark.parametrize('modality, flags, tokens', [('speech', ['--seconds', '1'], 49),    # 16000 samples → 49 frames
                                                       ('speech', ['--seconds', '1', '--version', '2'], 49),
                                                       ('vision', [], 64),                    # 32² images in 4² patches
-                                                      ('text', [], 64)])                     # blocks of 64 tokens
+                                                      ('vision', ['--version', '2'], 64),
+                                                      ('text', [], 64),                      # blocks of 64 tokens
+                                                      ('text', ['--version', '2'], 64)])
 def test_one_json_line_with_consistent_numbers(capsys, modality, flags, tokens):
     r = run(capsys, '--modality', modality, '--peak', '1e9', *flags)
     assert KEYS <= set(r)
@@ -116,7 +118,6 @@ def test_flops_match_the_matmul_count(capsys, monkeypatch, attn_dropout, attn_ba
 
 
 @pytest.mark.parametrize('flags, words', [(['--version', '3'], '--version 3: choose 1 or 2'),
-                                          (['--version', '2', '--modality', 'text'], 'implemented for speech, vision only so far'),
                                           (['--steps', '0'], '--steps 0 must be ≥ 1'),
                                           (['--warmup', '-1'], '--warmup -1 must be ≥ 0'),
                                           (['--seconds', '0'], '--seconds 0.0 must be'),

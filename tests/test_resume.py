@@ -32,7 +32,9 @@ FLAGS = {'speech': TINY + ['--conv-dim', '16', '--crop', '16000'],
          'speech-v2': ['--version', '2'] + TINY + ['--conv-dim', '16', '--crop', '16000', '--clones', '2', '--decoder-dim', '16',
                                                    '--decoder-groups', '2'],
          'vision-v2': ['--modality', 'vision', '--version', '2'] + TINY + ['--clones', '2', '--decoder-dim', '16',
-                                                                          '--decoder-groups', '2']}
+                                                                          '--decoder-groups', '2'],
+         'text-v2': ['--modality', 'text', '--version', '2'] + TINY + ['--vocab-size', '5000', '--block-size', '32', '--clones', '2',
+                                                                      '--decoder-dim', '16']}
 # train.main(argv) in a child process that SIGKILLs itself when update `at` (0-based) begins
 KILL_AT_UPDATE = """
 import os, signal, sys
@@ -78,7 +80,7 @@ def assert_one_line_error(r, *words):
 
 
 # ---------------------------------------------------------------------------------------------- SIGKILL and exact resume
-@pytest.mark.parametrize('modality', ['speech', 'vision', 'text', 'speech-v2', 'vision-v2'])
+@pytest.mark.parametrize('modality', ['speech', 'vision', 'text', 'speech-v2', 'vision-v2', 'text-v2'])
 def test_resume_after_sigkill_logs_exactly_the_uninterrupted_losses(tmp_path, modality):
     """SIGKILL at update 7 of 10 (checkpoint at 4, log lines every 3, so the checkpoint falls inside a log interval);
     --resume redoes 5..10. Every logged loss and std, and the final weights, teacher and Adam state, are bit-identical

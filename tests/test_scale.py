@@ -29,7 +29,10 @@ FLAGS = {'speech': SMALL + ['--conv-dim', '16', '--crop', '16000'],
          'speech-v2': ['--version', '2'] + SMALL + ['--conv-dim', '16', '--crop', '16000', '--clones', '2', '--decoder-dim', '16',
                                                     '--decoder-groups', '2', '--mask-noise-std', '0', '--decoder-dropout', '0'],
          'vision-v2': ['--modality', 'vision', '--version', '2'] + SMALL + ['--clones', '2', '--decoder-dim', '16',
-                                                                           '--decoder-groups', '2', '--mask-noise-std', '0']}
+                                                                           '--decoder-groups', '2', '--mask-noise-std', '0'],
+         'text-v2': ['--modality', 'text', '--version', '2'] + SMALL + ['--vocab-size', '5000', '--block-size', '32', '--clones', '2',
+                                                                       '--decoder-dim', '16', '--mask-noise-std', '0',
+                                                                       '--decoder-dropout', '0']}
 
 
 # train.main under torchrun, checking after every update that every rank holds the same teacher, bit for bit
@@ -106,7 +109,7 @@ def test_ranks_are_dealt_one_stream_across_epochs_and_resume_on_another_count():
     assert same([two[g % 2][g // 2] for g in range(6)], one[16:22])
 
 
-@pytest.mark.parametrize('modality', ['speech', 'vision', 'text', 'speech-v2', 'vision-v2'])
+@pytest.mark.parametrize('modality', ['speech', 'vision', 'text', 'speech-v2', 'vision-v2', 'text-v2'])
 def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path, modality):
     """torchrun --nproc_per_node 2 (gloo) with micro-batches of 4, against one process accumulating 2 micro-batches
     of 4: the same 8 samples, crops and masks per update (data.batches deals micro-batches out in turn), gradients
@@ -128,7 +131,7 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path,
     assert len(ckpt_two['rng']) == 2 and len(ckpt_one['rng']) == 1            # the second run really had 2 ranks
 
 
-@pytest.mark.parametrize('modality', ['speech', 'vision', 'text', 'speech-v2', 'vision-v2'])
+@pytest.mark.parametrize('modality', ['speech', 'vision', 'text', 'speech-v2', 'vision-v2', 'text-v2'])
 def test_the_data2vec_step_is_one_graph(modality):
     """torch._dynamo.explain over train.forward_loss (student forward, teacher forward, targets, loss; what --compile
     compiles) on a real collated micro-batch: one graph, no graph breaks, so torch.compile sees the whole step."""
