@@ -298,9 +298,9 @@ V1_ONLY = ('pad', 'ema_front_end',                                    # v2 speec
 
 # flags that only one or two modalities have: anywhere else they are an error, not silently ignored
 ONLY = {'speech': ('crop', 'pad', 'crop_step', 'conv_dim', 'pos_conv_depth', 'pos_conv_kernel', 'pos_conv_groups', 'pos_conv_zero', 'layerdrop',
-                   'feature_grad_mult', 'ema_front_end'),
+                   'feature_grad_mult', 'ema_front_end', 'mask_adjust'),          # mask_adjust: v2's block masks
         'vision': ('image_size', 'patch_size', 'layer_scale', 'drop_path', 'min_crop_scale', 'rel_pos_bias', 'cls_loss',
-                   'cls_rows', 'color_jitter'),
+                   'cls_rows', 'color_jitter', 'mask_adjust'),
         'text': ('encoding', 'tokenizer', 'text_mask', 'block_size', 'vocab_size', 'max_tokens', 'pad_id', 'layerdrop')}
 SHOWN_WITHOUT_PRESET = ('modality', 'preset', 'data', 'out', 'device', 'compile', 'seed', 'resume', 'strict_data', 'pad', 'init')
 
@@ -391,6 +391,8 @@ def modality_checks(mcfg, cfg):
         'text': [
             (3 <= cfg.block_size <= mcfg.max_tokens, f'--block-size {cfg.block_size} must be in [3, --max-tokens {mcfg.max_tokens}]'),
             (cfg.text_mask in ('bert', 'span'), f'--text-mask {cfg.text_mask}: choose bert or span'),
+            (mcfg.version == 1 or cfg.mask_length == 1, f'--mask-length {cfg.mask_length}: data2vec 2.0 masks single tokens '
+                                                        '(fairseq mask_length 1; its block masks for text are not built)'),
             (mcfg.version == 1 or random_mask_count(cfg.block_size, cfg.mask_prob) <= cfg.block_size - 2,
              f'--mask-prob {cfg.mask_prob} masks {random_mask_count(cfg.block_size, cfg.mask_prob)} of --block-size '
              f'{cfg.block_size} tokens, more than the {cfg.block_size - 2} between <s> and </s>'),
@@ -462,6 +464,9 @@ class FinetuneConfig:
     linear_probe: bool = knob(False, 'freeze the encoder (eval mode) and train the head only')
     probe_layers: str = knob('last', "what the head reads: last (the last block's output) | mean (of every block's) | "
                                      "weighted (a learned softmax mix of them, SUPERB)")
+    pool: str = knob('cls', "text classify: what the head reads: cls (RoBERTa's head on <s>: Dropout → Linear → tanh → "
+                            "Dropout → Linear) | mean (the mean over the tokens → BatchNorm without affine → Linear: a linear "
+                            "probe, as speech's)")
     use_teacher: bool = knob(False, "start from the checkpoint's EMA teacher instead of the student (the paper uses the student)")
     preset: str = knob('', "recipe (and, with --init scratch, architecture): tiny | base; default: the checkpoint's, else tiny")
     arch: str = knob('', "--init scratch: a train.py run's config.json whose architecture to use (default: --preset's)")
@@ -544,6 +549,9 @@ def parse_finetune_args(argv=None):
               (cfg.preset in ('', 'tiny', 'base'), f'--preset {cfg.preset}: choose tiny or base'),
               (cfg.labeled >= 0 and 0 < cfg.holdout < 1, '--labeled must be ≥ 0 and --holdout in (0, 1)'),
               (cfg.probe_layers in ('last', 'mean', 'weighted'), f'--probe-layers {cfg.probe_layers}: choose last, mean or weighted'),
+              (cfg.pool in ('cls', 'mean'), f'--pool {cfg.pool}: choose cls or mean'),
+              (cfg.pool == 'cls' or (cfg.modality, cfg.task) == ('text', 'classify'),
+               '--pool is for --modality text (speech and vision classify pool the mean already)'),
               (not cfg.arch or cfg.init == 'scratch', '--arch is for --init scratch (a checkpoint has its own architecture)'),
               (cfg.seed >= 0 and cfg.ckpt_every >= 1 and cfg.max_bad_steps >= 1, '--seed ≥ 0, --ckpt-every and --max-bad-steps ≥ 1'),
               (cfg.device in ('auto', 'cpu', 'cuda'), f'--device {cfg.device}: choose auto, cpu or cuda'),

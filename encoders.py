@@ -312,11 +312,13 @@ class FrontEnd(nn.Module):
                        visible(features (R, T, D), mask, ids_keep) → (the student's tokens of the visible steps, prefix
                        in front (R, P + T_keep, D); their attention bias or None)
         grid           (h, w) of the patches, for data2vec 2.0's 2-D decoder; None: a 1-D sequence
+        bert_decoder   data2vec 2.0: the decoder's output projection starts as init_bert_params makes it (text: fairseq
+                       initialises the model so and, unlike speech's and images', never resets the text decoder)
         pre_ln, input_norm, head_layers, finetune_frozen, norm_eps, layer_bias   the released model it belongs to
                        (model.Data2Vec, finetune.py); norm_eps: its LayerNorms' ε unless cfg.layer_norm_eps sets one;
                        layer_bias: a relative position bias per block (its grid), or None
     """
-    averaged, shared, prefix, grid = False, (), 0, None
+    averaged, shared, prefix, grid, bert_decoder = False, (), 0, None, False
     pre_ln, input_norm, head_layers, finetune_frozen, norm_eps, layer_bias = False, True, 1, (), 1e-5, None
 
     def attention(self, x, padding_mask=None, window=0):
@@ -493,7 +495,7 @@ class TextFrontEnd(FrontEnd):
     only (ema_encoder_only) and reads the student's embedding of the unmasked ids, without its dropout (fairseq
     reads the dropped-out local features: DEVIATIONS.md 50).
     """
-    input_norm, head_layers = False, 2
+    input_norm, head_layers, bert_decoder = False, 2, True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -8,7 +8,8 @@
 
 The heads are the papers' (HEADS): speech CTC = Linear on the last block, per frame (wav2vec 2.0); speech classify =
 mean over the valid frames → BatchNorm (no affine) → Linear; vision = mean of the last block's patch tokens → LayerNorm
-→ Linear (BEiT use_mean_pooling); text = RoBERTa's classification head on <s>: Dropout → Linear → tanh → Dropout → Linear.
+→ Linear (BEiT use_mean_pooling); text = RoBERTa's classification head on <s>: Dropout → Linear → tanh → Dropout → Linear
+(--pool mean: speech classify's head on the mean over the tokens instead, a linear probe).
 Flags and recipes are in config.py; each modality's labelled data and batches in data/<modality>.py.
 Outputs in --out: metrics.json, log.jsonl, finetuned.pt.
 """
@@ -132,7 +133,8 @@ class CTCHead(nn.Module):
 
 
 class PooledHead(nn.Module):
-    """Clip classification: mean over the valid frames → BatchNorm without affine (MAE's linear probe; DEVIATIONS.md) → Linear."""
+    """Clip classification (text: --pool mean): mean over the valid frames or tokens → BatchNorm without affine (MAE's
+    linear probe; DEVIATIONS.md) → Linear."""
 
     def __init__(self, cfg, n_out):
         super().__init__()
@@ -182,10 +184,10 @@ class Finetuner(nn.Module):
         weighted:  h = Σ_l softmax(w)_l · x_l,  w ∈ R^L learned with the head (starts at 0: the mean)
     """
 
-    def __init__(self, backbone, n_out, task, layers='last'):
+    def __init__(self, backbone, n_out, task, layers='last', head=None):
         super().__init__()
         self.backbone, self.frozen, self.layers = backbone, False, layers
-        self.head = HEADS[backbone.cfg.modality, task](backbone.cfg, n_out)
+        self.head = (head or HEADS[backbone.cfg.modality, task])(backbone.cfg, n_out)   # head: text --pool mean's PooledHead
         if layers == 'weighted':
             self.layer_weights = nn.Parameter(torch.zeros(backbone.cfg.layers))
 
@@ -333,7 +335,7 @@ def main(argv=None):
     seed_all(cfg.seed)
     train_set, test_set, classes = load_data(cfg, mcfg, released.classes if own_head else None)
     model = Finetuner(build_backbone(mcfg, ckpt, cfg), len(CTC_VOCAB) if cfg.task == 'ctc' else len(classes), cfg.task,
-                      cfg.probe_layers).to(device)
+                      cfg.probe_layers, PooledHead if cfg.pool == 'mean' else None).to(device)
     if own_head:
         model.head.load_state_dict({k.removeprefix('head.'): v for k, v in released.head.items()})   # strict: all of it
     model.backbone.requires_grad_(not cfg.linear_probe)

@@ -317,6 +317,8 @@ class Data2Vec2(Data2Vec):
         self.decoder = ConvDecoder(cfg.dim, cfg.decoder_dim, cfg.decoder_layers, cfg.decoder_kernel, cfg.decoder_groups,
                                    cfg.decoder_residual, cfg.decoder_projection_layers, cfg.decoder_dropout,
                                    cfg.mask_noise_std, self.front_end.grid)
+        if self.front_end.bert_decoder:                                          # text: N(0, 0.02²) weights, zero biases
+            self.decoder.proj.apply(init_bert_params)
 
     def forward(self, source, mask, ids_keep, ids_restore, padding_mask=None):
         """source (B, S | 3, H, W | T), mask (R, T) bool with rows b·M … b·M + M − 1 for sample b, ids_keep (R, T_keep),

@@ -437,8 +437,14 @@ def pretraining_data(mcfg, cfg, resume_dir=None):
                  train_tokenizer(documents, mcfg.vocab_size, cfg.data and tokenizer_cache_path(cfg.data, mcfg.vocab_size)))
     mcfg.vocab_size, mcfg.pad_id = tokenizer.get_vocab_size(), tokenizer.token_to_id('<pad>')
     dataset = TokenBlocks(pack_blocks(documents, tokenizer, cfg.block_size), tokenizer, unreadable)
-    if mcfg.version == 2:
-        return dataset, partial(collate_v2, cfg=cfg, ordinary=ordinary_ids(tokenizer))
+    if mcfg.version == 2:                                                 # every block must hold the masked count
+        lo, hi = ordinary_ids(tokenizer)
+        fewest, count = int(((dataset.blocks >= lo) & (dataset.blocks < hi)).sum(1).min()), random_mask_count(cfg.block_size, cfg.mask_prob)
+        if fewest < count:
+            raise DataError(f'a block of {cfg.block_size} tokens holds only {fewest} ordinary tokens (the rest are </s> between '
+                            f'short documents), fewer than the {count} that --mask-prob {cfg.mask_prob} masks; use a larger '
+                            '--block-size, a smaller --mask-prob, or longer documents')
+        return dataset, partial(collate_v2, cfg=cfg, ordinary=(lo, hi))
     return dataset, partial(collate, cfg=cfg, mask_id=tokenizer.token_to_id('<mask>'), ordinary=ordinary_ids(tokenizer))
 
 

@@ -20,6 +20,7 @@ import soundfile as sf
 import torch
 
 import finetune
+from config import parse_finetune_args
 from conftest import ROOT
 from data import DataError
 from data.labelled import balanced_subset, load_data
@@ -223,6 +224,34 @@ def test_a_frozen_encoder_still_trains_the_head(modality):
     logits.logsumexp(-1).sum().backward()
     for name, p in model.named_parameters():
         assert (p.grad is None) == name.startswith('backbone.'), name
+
+
+def test_text_pool_mean_is_a_linear_probe_on_the_mean_over_the_tokens():
+    """--pool mean: the text head is BatchNorm (no affine, batch statistics while training) → Linear on the mean of the
+    last block's outputs over the non-padding tokens, computed here from the encoder's own output."""
+    mcfg = ModelConfig(modality='text', dim=16, layers=2, heads=2, ffn_dim=32, vocab_size=40, max_tokens=16, pad_id=1)
+    cfg = finetune.FinetuneConfig(modality='text', layerdrop=0.0)
+    torch.manual_seed(0)
+    model = finetune.Finetuner(finetune.build_backbone(mcfg, None, cfg), 3, 'classify', head=finetune.PooledHead).train()
+    model.backbone.eval()
+    source = torch.tensor([[0, 7, 9, 2], [0, 5, 2, 1], [0, 11, 12, 2]])
+    padding = source == 1
+    logits, _ = model(source, padding)
+    with torch.no_grad():
+        x, _ = model.backbone.encode(source, padding, final_norm=False)          # (3, 4, 16)
+        pooled = torch.stack([x[b][~padding[b]].mean(0) for b in range(3)])      # (3, 16)
+        normed = (pooled - pooled.mean(0)) / torch.sqrt(pooled.var(0, unbiased=False) + 1e-5)
+        expected = normed @ model.head.proj.weight.T + model.head.proj.bias
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, torch.nn.Tanh) for m in model.head.modules())   # not RoBERTa's head
+
+
+def test_pool_is_checked(capsys):
+    for argv, words in [(['--modality', 'text', '--pool', 'max'], '--pool max: choose cls or mean'),
+                        (['--modality', 'vision', '--pool', 'mean'], '--pool is for --modality text')]:
+        with pytest.raises(SystemExit):
+            parse_finetune_args(['--init', 'scratch', *argv])
+        assert words in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 # ---------------------------------------------------------------------------------------------- metrics, subsets

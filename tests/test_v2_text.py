@@ -106,18 +106,45 @@ def test_base_and_large_text_presets_are_the_shipped_configs():
     assert (cfg.lr, cfg.adam_beta2, cfg.adam_eps, cfg.weight_decay, cfg.clip, cfg.schedule, cfg.min_lr) == \
         (2e-4, 0.98, 1e-6, 0.01, 1.0, 'cosine', 0.0)
     assert cfg.warmup * cfg.steps == pytest.approx(4000) and cfg.block_size == 512 and cfg.batch_size == 16 * 4
+    assert cfg.no_decay_1d and cfg.micro_batch_size == 4 and cfg.steps == 1_000_000 and mcfg.layerdrop == 0
     model = build_student(mcfg)
     decoder = sum(p.numel() for p in model.decoder.parameters())
     assert decoder == 5 * (768 * 768 * 9 + 768) + (768 * 1536 + 1536) + (1536 * 768 + 768)   # fairseq's Decoder1d, counted here
     large_m, large = parse_train_args(['--modality', 'text', '--version', '2', '--preset', 'large'])
     assert (large_m.dim, large_m.layers, large.top_k, large.target_norm, large.target_post_norm, large.mask_prob, large.lr,
             large.steps, large_m.decoder_dim) == (1024, 24, 24, 'layer', 'instance', 0.5, 1e-4, 600_000, 768)
+    assert (large.batch_size, large.micro_batch_size, large.warmup * large.steps) == (32 * 2, 2, pytest.approx(4000))
+
+
+def test_large_targets_are_layer_norm_per_block_then_instance_norm_of_the_average():
+    """large_text_only_task.yaml: layer_norm_target_layer, then instance_norm_targets: LN over channels of each block,
+    the mean, then IN over time, computed here."""
+    from teacher import make_targets
+    blocks = [torch.randn(2, 10, 8) * (i + 1) + i for i in range(3)]
+    ln = [(a - a.mean(-1, keepdim=True)) / torch.sqrt(a.var(-1, unbiased=False, keepdim=True) + 1e-5) for a in blocks]
+    avg = sum(ln) / 3
+    expected = (avg - avg.mean(1, keepdim=True)) / torch.sqrt(avg.var(1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(make_targets(blocks, 'layer', None, 'instance'), expected)
+
+
+def test_text_decoder_projection_starts_as_init_bert_params():
+    """fairseq applies init_bert_params to the whole model and never resets the text decoder (unlike speech's and
+    images'): its projection's Linears start N(0, 0.02²) with zero biases; the convolutions keep PyTorch's init."""
+    mcfg, _ = parse_train_args(['--modality', 'text', '--version', '2', '--preset', 'base', '--vocab-size', '1000'])
+    torch.manual_seed(0)
+    dec = build_student(mcfg).decoder
+    for lin in (dec.proj[0], dec.proj[2]):
+        assert abs(lin.weight.std().item() - 0.02) < 0.0005 and not lin.bias.any()
+    conv = dec.convs[0]                                                # fan_in 768 · 9: PyTorch's bound 1/√fan_in
+    assert conv.weight.abs().max() <= 1 / math.sqrt(768 * 9) and conv.bias.abs().max() > 0
 
 
 def test_v2_text_flags_are_checked():
     for argv, words in [(['--version', '2', '--text-mask', 'span'], '--text-mask is for --version 1'),
                         (['--version', '2', '--mask-prob', '0.99', '--block-size', '8'], 'more than the 6 between <s> and </s>'),
-                        (['--decoder-residual'], '--decoder-residual is for --version 2')]:
+                        (['--decoder-residual'], '--decoder-residual is for --version 2'),
+                        (['--version', '2', '--mask-length', '5'], '--mask-length 5: data2vec 2.0 masks single tokens'),
+                        (['--version', '2', '--mask-adjust', '0.3'], '--mask-adjust is for --modality')]:
         r = subprocess.run([sys.executable, str(ROOT / 'train.py'), '--modality', 'text', *argv],     # refused while parsing
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and words in r.stderr.strip().splitlines()[-1], r.stderr
@@ -264,3 +291,40 @@ def test_train_then_finetune_a_v2_text_checkpoint_from_the_command_line(tmp_path
     assert 'backbone.front_end.embed.tokens.weight' in weights and any(k.startswith('head.') for k in weights)
     pretrained = torch.load(tmp_path / 'pre' / 'checkpoint.pt', weights_only=False)['student']
     assert weights['backbone.front_end.embed.tokens.weight'].shape == pretrained['front_end.embed.tokens.weight'].shape
+
+
+def test_a_corpus_of_very_short_documents_is_refused_at_start_up(tmp_path):
+    """A block whose ordinary tokens (all but <s>, </s>, <pad>) are fewer than the masked count cannot be masked: one
+    DataError before training, not a crash in a loader worker."""
+    import data.text
+    from data import DataError
+    (tmp_path / 'short.txt').write_text('\n\n'.join(['a'] * 400) + '\n')   # 'a' </s> 'a' </s> …
+    mcfg, cfg = parse_train_args(V2 + ['--data', str(tmp_path / 'short.txt')])
+    with pytest.raises(DataError, match=r'holds only \d+ ordinary tokens .* fewer than the 16 that --mask-prob 0.48 masks'):
+        data.text.pretraining_data(mcfg, cfg)
+
+
+def test_one_embedding_dropout_for_the_student_and_none_for_the_teacher():
+    """With the preset's dropout 0.1: block 0 reads the visible tokens' embeddings with one dropout (each value 0 or
+    ×1/0.9, about 10% zeros); the teacher's targets are the same on two calls (it reads the embedding clean, in eval
+    mode; DEVIATIONS.md 50)."""
+    mcfg, cfg = parse_train_args([a for a in V2 if a not in ('--dropout', '--attn-dropout', '0')] + ['--batch-size', '4'])
+    assert mcfg.dropout == 0.1
+    mcfg.vocab_size, mcfg.pad_id = 300, 1
+    torch.manual_seed(0)
+    model = build_student(mcfg).train()
+    teacher = Teacher(model)
+    blocks = torch.randint(5, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    blocks[:, 0], blocks[:, -1] = 0, 2
+    batch = collate_v2([(b, 0) for b in blocks], cfg, (5, 300), torch.Generator().manual_seed(0))
+    seen = []
+    model.encoder.layers[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    targets = [train.forward_loss(model, teacher, batch, cfg)[1]['target_moments'] for _ in range(2)]
+    torch.testing.assert_close(targets[0], targets[1], rtol=0, atol=0)
+    e = model.front_end.embed
+    with torch.no_grad():
+        x = e(batch['source']).repeat_interleave(3, 0)                     # (12, 32, D), clean
+        clean = torch.stack([x[r, batch['ids_keep'][r]] for r in range(12)])
+    dropped = seen[0] == 0
+    torch.testing.assert_close(seen[0][~dropped], clean[~dropped] / 0.9)
+    assert 0.07 < dropped.float().mean().item() < 0.13
