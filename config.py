@@ -433,7 +433,8 @@ def check_config(mcfg, cfg, world=1):
         (0 <= mcfg.layer_norm_eps < 1, f'--layer-norm-eps {mcfg.layer_norm_eps} must be in [0, 1)'),
         (mcfg.version == 1 or (cfg.clones >= 1 and mcfg.decoder_layers >= 1 and mcfg.decoder_kernel >= 1 and
                                mcfg.decoder_dim % mcfg.decoder_groups == 0 == mcfg.dim % mcfg.decoder_groups),
-         f'--clones, --decoder-layers, --decoder-kernel must be ≥ 1 and --decoder-dim, --dim divisible by --decoder-groups'),
+         '--clones, --decoder-layers, --decoder-kernel must be ≥ 1 and --decoder-dim, --dim divisible by --decoder-groups'),
+        (mcfg.decoder_projection_layers in (1, 2), f'--decoder-projection-layers {mcfg.decoder_projection_layers}: choose 1 or 2'),
         (mcfg.version == 1 or (0 < cfg.mask_prob < 1 and cfg.mask_adjust >= 0),
          f'--mask-prob {cfg.mask_prob} must be in (0, 1) and --mask-adjust {cfg.mask_adjust} ≥ 0 (data2vec 2.0)'),
         (all(0 <= p < 1 for p in (mcfg.dropout, mcfg.attn_dropout, mcfg.layerdrop)), 'dropouts must be in [0, 1)'),

@@ -4,9 +4,6 @@
 """
 import copy
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ import torch.nn.functional as F
 
 import train
 from config import parse_train_args
-from conftest import ROOT
+from conftest import pretrain_then_finetune
 from data.speech import collate_v2
 from encoders import ALiBi, alibi_slopes, conv_output_length
 from masking import block_mask_1d, visible_order
@@ -219,15 +216,6 @@ def test_a_v2_encoder_reads_masked_frames_as_zeros():
 def test_finetune_a_v2_checkpoint_with_time_masks_from_the_command_line(tmp_path):
     """train.py --version 2 for 2 updates, then finetune.py on its checkpoint with wav2vec 2.0's time masks (the v2
     encoder zeroes masked frames; it has no mask embedding): the decoder is dropped, the encoder's weights load."""
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    pre = subprocess.run([sys.executable, str(ROOT / 'train.py'), *V2, '--steps', '2', '--workers', '0', '--out', str(tmp_path / 'pre')],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert pre.returncode == 0, pre.stderr[-2000:]
-    ft = subprocess.run([sys.executable, str(ROOT / 'finetune.py'), '--modality', 'speech', '--init', str(tmp_path / 'pre' / 'checkpoint.pt'),
-                         '--steps', '2', '--batch-size', '4', '--mask-prob', '0.3', '--labeled', '16', '--out', str(tmp_path / 'ft')],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert ft.returncode == 0, ft.stderr[-2000:]
-    assert 'init pretrained' in ft.stdout and (tmp_path / 'ft' / 'metrics.json').stat().st_size > 0
-    weights = torch.load(tmp_path / 'ft' / 'finetuned.pt', weights_only=True)
-    weights = weights.get('model', weights)
+    _, weights = pretrain_then_finetune(tmp_path, V2, ['--modality', 'speech', '--batch-size', '4', '--mask-prob', '0.3',
+                                                       '--labeled', '16'])
     assert not any(k.startswith('decoder.') for k in weights) and any('alibi' in k for k in weights)

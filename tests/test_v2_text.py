@@ -4,7 +4,6 @@ targets, the teacher's pass and its EMA coverage, presets, and the command line.
     pytest tests/test_v2_text.py
 """
 import math
-import os
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 
 import train
 from config import parse_train_args, random_mask_count
-from conftest import ROOT
+from conftest import ROOT, pretrain_then_finetune
 from data.text import collate_v2
 from masking import random_mask, visible_order
 from model import ConvDecoder, Data2Vec2, build_student
@@ -144,7 +143,8 @@ def test_v2_text_flags_are_checked():
                         (['--version', '2', '--mask-prob', '0.99', '--block-size', '8'], 'more than the 6 between <s> and </s>'),
                         (['--decoder-residual'], '--decoder-residual is for --version 2'),
                         (['--version', '2', '--mask-length', '5'], '--mask-length 5: data2vec 2.0 masks single tokens'),
-                        (['--version', '2', '--mask-adjust', '0.3'], '--mask-adjust is for --modality')]:
+                        (['--version', '2', '--mask-adjust', '0.3'], '--mask-adjust is for --modality'),
+                        (['--version', '2', '--decoder-projection-layers', '3'], '--decoder-projection-layers 3: choose 1 or 2')]:
         r = subprocess.run([sys.executable, str(ROOT / 'train.py'), '--modality', 'text', *argv],     # refused while parsing
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and words in r.stderr.strip().splitlines()[-1], r.stderr
@@ -275,18 +275,8 @@ def test_loss_equals_a_recomputation_with_repeated_targets(monkeypatch):
 def test_train_then_finetune_a_v2_text_checkpoint_from_the_command_line(tmp_path):
     """train.py --version 2 for 2 updates, then finetune.py on its checkpoint with the RoBERTa head: the decoder is
     dropped, the embeddings and blocks load."""
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    pre = subprocess.run([sys.executable, str(ROOT / 'train.py'), *V2, '--steps', '2', '--workers', '0', '--out', str(tmp_path / 'pre')],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert pre.returncode == 0, pre.stderr[-2000:]
-    assert 'data2vec 2.0' in pre.stdout
-    ft = subprocess.run([sys.executable, str(ROOT / 'finetune.py'), '--modality', 'text', '--init', str(tmp_path / 'pre' / 'checkpoint.pt'),
-                         '--steps', '2', '--batch-size', '8', '--labeled', '24', '--out', str(tmp_path / 'ft')],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert ft.returncode == 0, ft.stderr[-2000:]
-    assert 'init pretrained' in ft.stdout and (tmp_path / 'ft' / 'metrics.json').stat().st_size > 0
-    weights = torch.load(tmp_path / 'ft' / 'finetuned.pt', weights_only=True)
-    weights = weights.get('model', weights)
+    out, weights = pretrain_then_finetune(tmp_path, V2, ['--modality', 'text', '--batch-size', '8', '--labeled', '24'])
+    assert 'data2vec 2.0' in out
     assert not any(k.startswith('decoder.') for k in weights)
     assert 'backbone.front_end.embed.tokens.weight' in weights and any(k.startswith('head.') for k in weights)
     pretrained = torch.load(tmp_path / 'pre' / 'checkpoint.pt', weights_only=False)['student']

@@ -4,7 +4,6 @@ its teacher, the CLS loss and the command line.
     pytest tests/test_v2_vision.py
 """
 import math
-import os
 import random
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 
 import train
 from config import parse_train_args
-from conftest import ROOT
+from conftest import ROOT, pretrain_then_finetune
 from data.vision import collate_v2
 from encoders import sincos_positions_2d
 from masking import inverse_block_mask, visible_order
@@ -331,16 +330,6 @@ def test_v2_vision_flags_are_checked():
 def test_train_then_finetune_a_v2_vision_checkpoint_from_the_command_line(tmp_path):
     """train.py --version 2 for 2 updates, then finetune.py on its checkpoint: the decoder is dropped, the CLS token,
     patch embedding and blocks load, and the head pools the patches (mean → fc_norm → Linear)."""
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    pre = subprocess.run([sys.executable, str(ROOT / 'train.py'), *V2, '--steps', '2', '--workers', '0', '--out', str(tmp_path / 'pre')],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert pre.returncode == 0, pre.stderr[-2000:]
-    ft = subprocess.run([sys.executable, str(ROOT / 'finetune.py'), '--modality', 'vision', '--init', str(tmp_path / 'pre' / 'checkpoint.pt'),
-                         '--steps', '2', '--batch-size', '8', '--labeled', '16', '--out', str(tmp_path / 'ft')],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert ft.returncode == 0, ft.stderr[-2000:]
-    assert 'init pretrained' in ft.stdout and (tmp_path / 'ft' / 'metrics.json').stat().st_size > 0
-    weights = torch.load(tmp_path / 'ft' / 'finetuned.pt', weights_only=True)
-    weights = weights.get('model', weights)
+    _, weights = pretrain_then_finetune(tmp_path, V2, ['--modality', 'vision', '--batch-size', '8', '--labeled', '16'])
     assert not any(k.startswith('decoder.') for k in weights) and 'backbone.front_end.cls_token' in weights
     assert 'head.fc_norm.weight' in weights
