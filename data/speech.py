@@ -19,9 +19,9 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from data import DataError, Repeat
+from data.manifest import read_headers
 from encoders import conv_output_length
 from masking import block_mask_1d, span_mask, visible_order
 
@@ -189,8 +189,8 @@ class AudioFolder(torch.utils.data.Dataset):
     """Every .wav/.flac under root (sorted), with transcripts from LibriSpeech-style `*.trans.txt` files
 
     ('<utterance id> <TEXT>' per line, id = file stem); '' where there is none. `lengths` (in samples at
-    `sample_rate`) come from the file headers at start-up. Files shorter than `min_samples` are left out and listed in
-    `skipped`; a file whose header cannot be read is an error (`strict`) or left out with its error in `unreadable`.
+    `sample_rate`) come from the file headers, read at the first start-up and kept in a manifest (data/manifest.py).
+    Files shorter than `min_samples` are left out and listed in `skipped`; a file whose header cannot be read is an error (`strict`) or left out with its error in `unreadable`.
     """
 
     def __init__(self, root, sample_rate=SR, min_samples=0, strict=True):
@@ -201,15 +201,11 @@ class AudioFolder(torch.utils.data.Dataset):
         if not self.files:
             raise DataError(f'--data {root}: no .wav or .flac files under it')
         self.sample_rate = sample_rate
-        lengths, self.unreadable = [], []
-        for p in tqdm(self.files, desc='reading audio headers', disable=len(self.files) < 2000):
-            try:
-                lengths.append(self._length(p))
-            except DataError as e:
-                if strict or len(self.unreadable) + 1 == len(self.files):       # the last file too: nothing to train on
-                    raise
-                lengths.append(-1)
-                self.unreadable.append(str(e))
+        headers, self.headers_read = read_headers(root, self.files, self._header, 'audio')   # data/manifest.py
+        self.unreadable = [h for h in headers if isinstance(h, str)]
+        if self.unreadable and (strict or len(self.unreadable) == len(self.files)):  # or nothing is left to train on
+            raise DataError(self.unreadable[0])
+        lengths = [-1 if isinstance(h, str) else round(h[0] * sample_rate / h[1]) for h in headers]
         self.skipped = [p for p, n in zip(self.files, lengths) if 0 <= n < min_samples]
         self.notes = [f'skipped {len(self.skipped)} files shorter than {min_samples / sample_rate} s, e.g. {self.skipped[0]}'] \
             if self.skipped else []
@@ -224,14 +220,16 @@ class AudioFolder(torch.utils.data.Dataset):
                     uid, _, text = line.strip().partition(' ')
                     self.transcripts[uid], self.transcript_lines[uid] = text, f'{tf}:{n}'
 
-    def _length(self, path):
+    @staticmethod
+    def _header(path):
+        """(frames, sample rate) from the file's header."""
         try:
             info = sf.info(str(path))
         except Exception as e:
             raise DataError(f'{path}: cannot read audio ({e})') from None
         if info.frames == 0:
             raise DataError(f'{path}: the file holds no audio samples')
-        return round(info.frames * self.sample_rate / info.samplerate)
+        return info.frames, info.samplerate
 
     def __len__(self):
         return len(self.files)

@@ -216,29 +216,45 @@ def _paragraphs(path, encoding):
     return [p for p in (p.strip() for p in re.split(r'\n\s*\n', _read_text(path, encoding))) if p]
 
 
-def read_corpus(path, encoding='utf-8', unreadable=None):
-    """Documents (list of str) from a text file or every .txt under a folder (recursive, sorted): one document per
-    blank-line-separated paragraph. A byte that does not decode in `encoding` is an error naming the file and its
-    offset, not a silent replacement character; given a list `unreadable`, such files are left out and their errors
-    appended to it instead (unless no file is left)."""
+def corpus_files(path):
+    """--data: a .txt file, or every .txt under a folder (recursive, sorted)."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob('*.txt') if p.is_file())
         if not files:
             raise DataError(f'--data {path}: no .txt files under it')
-    elif path.is_file():
-        files = [path]
-    else:
-        raise DataError(f'--data {path}: no such file or directory')
-    documents = []
-    for k, f in enumerate(tqdm(files, desc='reading text', disable=len(files) < 1000, leave=False)):
+        return files
+    if path.is_file():
+        return [path]
+    raise DataError(f'--data {path}: no such file or directory')
+
+
+def iter_documents(files, encoding='utf-8', unreadable=None, bar=None):
+    """The documents of `files`, one file read at a time: one document per blank-line-separated paragraph. A byte that
+    does not decode in `encoding` is an error naming the file and its offset, not a silent replacement character;
+    given a list `unreadable`, such files are left out and their errors appended to it instead (unless no file is
+    left). `bar`: a tqdm bar advanced by each file's size in bytes."""
+    read = False
+    for k, f in enumerate(files):
         try:
-            documents += _paragraphs(f, encoding)
+            paragraphs = _paragraphs(f, encoding)
         except DataError as e:
-            if unreadable is None or (k == len(files) - 1 and not documents):   # strict, or nothing readable
+            if unreadable is None or (k == len(files) - 1 and not read):     # strict, or nothing readable
                 raise
             unreadable.append(str(e))
-    return documents
+            paragraphs = []
+        read = read or bool(paragraphs)
+        yield from paragraphs
+        if bar is not None:
+            bar.update(f.stat().st_size)
+
+
+def read_corpus(path, encoding='utf-8', unreadable=None):
+    """Documents (list of str) from a text file or every .txt under a folder (corpus_files, iter_documents)."""
+    files = corpus_files(path)
+    with tqdm(desc='reading text', total=sum(f.stat().st_size for f in files), unit='B', unit_scale=True,
+              disable=len(files) < 1000, leave=False) as bar:
+        return list(iter_documents(files, encoding, unreadable, bar))
 
 
 GLUE_COLUMNS = (('sentence1', 'sentence2'), ('question1', 'question2'), ('question', 'sentence'), ('premise', 'hypothesis'),
@@ -303,17 +319,19 @@ def tokenizer_cache_path(data_path, vocab_size):
 
 
 def train_tokenizer(documents, vocab_size, cache=None):
-    """Train a byte-level BPE of at most `vocab_size` tokens on `documents` (list of str): the SPECIALS at ids 0..4,
+    """Train a byte-level BPE of at most `vocab_size` tokens on `documents` (a list of str; without `cache`, any stream of them): the SPECIALS at ids 0..4,
     the 256 byte symbols, then merges. With `cache` (a .json path), a tokenizer saved there for the same vocab_size
     and the same documents (SHA-1 of the text) is loaded instead; otherwise the new one is saved there."""
     minimum = 256 + len(SPECIALS)
     if vocab_size < minimum:
         raise DataError(f'--vocab-size {vocab_size}: a byte-level BPE needs at least {minimum} '
                         f'(256 bytes + {len(SPECIALS)} special tokens)')
-    sha1 = hashlib.sha1()
-    for d in documents:
-        sha1.update(d.encode('utf-8', 'surrogatepass') + b'\0')
-    meta = {'vocab_size': vocab_size, 'corpus_sha1': sha1.hexdigest()}   # in the cache, to tell a stale one
+    meta = None
+    if cache:                                            # the cache holds the corpus's SHA-1, to tell a stale one
+        sha1 = hashlib.sha1()
+        for d in documents:
+            sha1.update(d.encode('utf-8', 'surrogatepass') + b'\0')
+        meta = {'vocab_size': vocab_size, 'corpus_sha1': sha1.hexdigest()}
     if cache and Path(cache).is_file():
         try:
             spec = json.loads(Path(cache).read_text(encoding='utf-8'))
@@ -324,8 +342,8 @@ def train_tokenizer(documents, vocab_size, cache=None):
     tok = _byte_level(Tokenizer(models.BPE()))
     alphabet = pre_tokenizers.ByteLevel.alphabet()       # all 256 byte symbols, seen in the documents or not
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), initial_alphabet=alphabet,
-                                  show_progress=len(documents) > 9999)
-    tok.train_from_iterator(documents, trainer, length=len(documents))
+                                  show_progress=not hasattr(documents, '__len__') or len(documents) > 9999)
+    tok.train_from_iterator(documents, trainer, length=getattr(documents, '__len__', lambda: None)())
     if cache:
         tmp = Path(f'{cache}.tmp{os.getpid()}')          # write, then rename: never a half-written cache
         tmp.write_text(json.dumps(json.loads(tok.to_str()) | {'data2vec': meta}, ensure_ascii=False), encoding='utf-8')
@@ -425,27 +443,124 @@ class TokenBlocks(torch.utils.data.Dataset):
         return self.blocks[i], 0
 
 
+# ---------------------------------------------------------------------------------------------- a prepared corpus
+# Full scale (README, "Full scale"): the corpus is tokenized once, by `python -m data.text --prepare`, into one flat
+# token file (nanoGPT's train.bin, fairseq's sample_break_mode none), and train.py reads its blocks in place.
+TOKENS, HEADER = 'tokens.bin', 'corpus.json'
+
+
+def prepare_corpus(data_path, out, vocab_size=50_000, tokenizer_path='', encoding='utf-8', strict=False, chunk=4096):
+    """Tokenize the .txt files of `data_path` into out/tokens.bin: pack_blocks' stream (every document's ids, </s>
+    between documents), flat, as uint16 (int32 past 65,535 tokens), with out/tokenizer.json (--tokenizer's, or a BPE of
+    vocab_size trained here on a first pass) and out/corpus.json, written last: {tokens, dtype, documents, ...}. Holds
+    one file's text and `chunk` documents' ids at a time. Unreadable files are skipped and listed (strict: an error).
+    → the header dict."""
+    out, files, unreadable = Path(out), corpus_files(data_path), None if strict else []
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f'--out {out}: exists and is not an empty folder; choose a new one')
+    size = sum(f.stat().st_size for f in files)
+    bar = partial(tqdm, total=size, unit='B', unit_scale=True, dynamic_ncols=True)
+    if tokenizer_path:
+        tokenizer = read_tokenizer(tokenizer_path)
+    else:                                                 # a first pass over the files trains the BPE
+        with bar(desc='training the BPE') as b:
+            tokenizer = train_tokenizer(iter_documents(files, encoding, None if strict else [], b), vocab_size)
+    V, eos = tokenizer.get_vocab_size(), tokenizer.token_to_id('</s>')
+    dtype = np.uint16 if V <= 65_535 else np.int32
+    encode = getattr(tokenizer, 'encode_batch_fast', tokenizer.encode_batch)
+    out.mkdir(parents=True, exist_ok=True)
+    count = documents = 0
+    with open(out / f'{TOKENS}.tmp', 'wb') as f, bar(desc='tokenizing') as b:
+        docs = iter_documents(files, encoding, unreadable, b)
+        while batch := [d for _, d in zip(range(chunk), docs)]:
+            ids = []
+            for enc in encode(batch, add_special_tokens=False):
+                ids += ([eos] if count or ids else []) + enc.ids     # </s> before every document but the first
+            np.asarray(ids, dtype).tofile(f)
+            count, documents = count + len(ids), documents + len(batch)
+            b.set_postfix(tokens=f'{count:,}')
+    os.replace(out / f'{TOKENS}.tmp', out / TOKENS)
+    tokenizer.save(str(out / 'tokenizer.json'))
+    header = dict(tokens=count, dtype=np.dtype(dtype).name, vocab_size=V, documents=documents, files=len(files),
+                  bytes=size, source=str(Path(data_path).resolve()), encoding=encoding, tokenizer='tokenizer.json',
+                  unreadable=unreadable or [])
+    (out / HEADER).write_text(json.dumps(header, indent=1))
+    return header
+
+
+class TokenFile(TokenBlocks):
+    """A prepared corpus read in place: block i = <s> stream[i·(T − 2) : (i + 1)·(T − 2)] </s>, the blocks pack_blocks
+    makes of the same documents. An item maps only its own T − 2 tokens from tokens.bin (a fresh np.memmap per item, as
+    nanoGPT does), so a process holds no more of the corpus than its batches. `need` = (lo, hi, n): data2vec 2.0's
+    masked count n of ordinary ids [lo, hi); a block with fewer raises DataError, so it is skipped and logged like an
+    unreadable file (the in-memory path refuses such a corpus at start-up). item i → (LongTensor (T,), 0)."""
+
+    def __init__(self, path, block_size, tokenizer, need=None):
+        path = Path(path)
+        try:
+            header = json.loads((path / HEADER).read_text())
+            self.count, self.dtype = int(header['tokens']), np.dtype(header['dtype'])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f'{path / HEADER}: not a prepared corpus header ({type(e).__name__}: {e})') from None
+        if (path / TOKENS).stat().st_size != self.count * self.dtype.itemsize:
+            raise DataError(f'{path / TOKENS}: {(path / TOKENS).stat().st_size} bytes, the header says {self.count} '
+                            f'{self.dtype.name} tokens; prepare it again')
+        super().__init__(None, tokenizer, header['unreadable'])
+        self.path, self.inner, self.need = path / TOKENS, block_size - 2, need
+        self.bos, self.eos = tokenizer.token_to_id('<s>'), tokenizer.token_to_id('</s>')
+        if self.count < self.inner:
+            raise DataError(f'{path}: {self.count} tokens, fewer than the {self.inner} one block needs (--block-size '
+                            f'{block_size} = <s> + {self.inner} + </s>); use a smaller --block-size or more text')
+        self.notes = [f'{path}: {self.count:,} prepared tokens, read in place as {len(self):,} blocks of {block_size}']
+
+    def __len__(self):
+        return self.count // self.inner                   # the incomplete last block is dropped, as pack_blocks does
+
+    def __getitem__(self, i):
+        ids = np.memmap(self.path, self.dtype, 'r', offset=i * self.inner * self.dtype.itemsize, shape=(self.inner,))
+        block = torch.from_numpy(np.concatenate([[self.bos], ids, [self.eos]]).astype(np.int64))   # (T,)
+        if self.need:
+            lo, hi, n = self.need
+            if (have := int(((block >= lo) & (block < hi)).sum())) < n:
+                raise DataError(f'{self.path}: block {i} holds {have} ordinary tokens (the rest are </s> between short '
+                                f'documents), fewer than the {n} that --mask-prob masks')
+        return block, 0
+
+
 # ---------------------------------------------------------------------------------------------- pretraining batches
 def pretraining_data(mcfg, cfg, resume_dir=None):
-    """(dataset, collate) for train.py: documents from --data or the embedded grammar, the tokenizer (--tokenizer, the
-    resumed run's tokenizer.json in `resume_dir`, or a BPE trained here), which sets mcfg.vocab_size and pad_id, and
-    the documents packed into blocks. Files that do not decode are listed in `dataset.unreadable` (--strict-data: an error)."""
-    unreadable = None if cfg.strict_data else []
-    documents = read_corpus(cfg.data, cfg.encoding, unreadable) if cfg.data else SyntheticText(seed=0).documents()
-    saved = Path(resume_dir) / 'tokenizer.json' if resume_dir and not cfg.tokenizer else ''
-    tokenizer = (read_tokenizer(saved or cfg.tokenizer) if saved or cfg.tokenizer else
-                 train_tokenizer(documents, mcfg.vocab_size, cfg.data and tokenizer_cache_path(cfg.data, mcfg.vocab_size)))
+    """(dataset, collate) for train.py: a prepared corpus (--data holding corpus.json: TokenFile, its own tokenizer), or
+    documents from --data or the embedded grammar, the tokenizer (--tokenizer, the resumed run's tokenizer.json in
+    `resume_dir`, or a BPE trained here) and the documents packed into blocks in memory. Sets mcfg.vocab_size and pad_id.
+    Files that do not decode are listed in `dataset.unreadable` (--strict-data: an error)."""
+    prepared = bool(cfg.data) and (Path(cfg.data) / HEADER).is_file()
+    if prepared and cfg.tokenizer:
+        raise DataError(f'--tokenizer {cfg.tokenizer}: --data {cfg.data} is a prepared corpus, tokenized with its own '
+                        'tokenizer.json; leave --tokenizer out')
+    if prepared:
+        tokenizer = load_tokenizer_file(Path(cfg.data) / 'tokenizer.json')
+    else:
+        unreadable = None if cfg.strict_data else []
+        documents = read_corpus(cfg.data, cfg.encoding, unreadable) if cfg.data else SyntheticText(seed=0).documents()
+        saved = Path(resume_dir) / 'tokenizer.json' if resume_dir and not cfg.tokenizer else ''
+        tokenizer = (read_tokenizer(saved or cfg.tokenizer) if saved or cfg.tokenizer else
+                     train_tokenizer(documents, mcfg.vocab_size, cfg.data and tokenizer_cache_path(cfg.data, mcfg.vocab_size)))
     mcfg.vocab_size, mcfg.pad_id = tokenizer.get_vocab_size(), tokenizer.token_to_id('<pad>')
-    dataset = TokenBlocks(pack_blocks(documents, tokenizer, cfg.block_size), tokenizer, unreadable)
-    if mcfg.version == 2:                                                 # every block must hold the masked count
-        lo, hi = ordinary_ids(tokenizer)
-        fewest, count = int(((dataset.blocks >= lo) & (dataset.blocks < hi)).sum(1).min()), random_mask_count(cfg.block_size, cfg.mask_prob)
+    lo, hi = ordinary_ids(tokenizer)
+    count = random_mask_count(cfg.block_size, cfg.mask_prob)            # data2vec 2.0: every block must hold it
+    if prepared:
+        dataset = TokenFile(cfg.data, cfg.block_size, tokenizer, (lo, hi, count) if mcfg.version == 2 else None)
+    else:
+        dataset = TokenBlocks(pack_blocks(documents, tokenizer, cfg.block_size), tokenizer, unreadable)
+    if mcfg.version == 2 and not prepared:                               # a prepared corpus checks each block as it reads it
+        fewest = int(((dataset.blocks >= lo) & (dataset.blocks < hi)).sum(1).min())
         if fewest < count:
             raise DataError(f'a block of {cfg.block_size} tokens holds only {fewest} ordinary tokens (the rest are </s> between '
                             f'short documents), fewer than the {count} that --mask-prob {cfg.mask_prob} masks; use a larger '
                             '--block-size, a smaller --mask-prob, or longer documents')
+    if mcfg.version == 2:
         return dataset, partial(collate_v2, cfg=cfg, ordinary=(lo, hi))
-    return dataset, partial(collate, cfg=cfg, mask_id=tokenizer.token_to_id('<mask>'), ordinary=ordinary_ids(tokenizer))
+    return dataset, partial(collate, cfg=cfg, mask_id=tokenizer.token_to_id('<mask>'), ordinary=(lo, hi))
 
 
 def collate(items, cfg, mask_id, ordinary, generator=None):
@@ -529,3 +644,26 @@ def labelled_collate(items, cfg, mcfg, train, generator=None):
     source = pad_sequence([x for x, _ in items], batch_first=True, padding_value=mcfg.pad_id)  # (B, T)
     padding = source == mcfg.pad_id
     return dict(source=source, padding_mask=padding if padding.any() else None, labels=torch.tensor([y for _, y in items]))
+
+
+if __name__ == '__main__':
+    import argparse
+    p = argparse.ArgumentParser(description='python -m data.text --prepare --data DIR --out CORPUS: tokenize a text corpus once '
+                                            'into CORPUS/tokens.bin (+ tokenizer.json, corpus.json); then train.py --data CORPUS '
+                                            'reads its blocks in place')
+    p.add_argument('--prepare', action='store_true', required=True, help='tokenize --data into --out')
+    p.add_argument('--data', required=True, help='a .txt file or a folder of them (searched recursively)')
+    p.add_argument('--out', required=True, help='a new folder for tokens.bin, tokenizer.json and corpus.json')
+    group = p.add_mutually_exclusive_group()
+    group.add_argument('--vocab-size', type=int, default=50_000, help='train a byte-level BPE of this many tokens (default 50,000)')
+    group.add_argument('--tokenizer', default='', help='tokenizer.json, or a folder with vocab.json + merges.txt, instead')
+    p.add_argument('--encoding', default='utf-8', help='the encoding of the .txt files')
+    p.add_argument('--strict-data', action='store_true', help='stop at a file that does not decode, instead of skipping it')
+    args = p.parse_args()
+    try:
+        h = prepare_corpus(args.data, args.out, args.vocab_size, args.tokenizer, args.encoding, args.strict_data)
+    except DataError as e:
+        raise SystemExit(f'data.text: error: {e}')
+    print(f"{args.out}: {h['tokens']:,} tokens ({h['dtype']}, {Path(args.out, TOKENS).stat().st_size / 2**20:.1f} MiB) from "
+          f"{h['documents']:,} documents in {h['files']} files ({h['bytes'] / 2**20:.1f} MiB of text); vocabulary "
+          f"{h['vocab_size']:,}" + (f"; skipped {len(h['unreadable'])} unreadable files, e.g. {h['unreadable'][0]}" if h['unreadable'] else ''))

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 from config import patch_mask_size
 from data import DataError, Repeat
+from data.manifest import read_headers
 from masking import block_mask, inverse_block_mask, visible_order
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -154,11 +154,22 @@ def _read_image(path):
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
 
 
+def _image_size(path):
+    """(width, height) from the file's header; no pixels are decoded."""
+    try:
+        with Image.open(path) as im:                                     # lazy: reads the header only
+            return im.size
+    except Exception as e:                                 # (Pillow's UnidentifiedImageError repeats the path)
+        why = ('the file is empty' if path.stat().st_size == 0 else 'not an image Pillow can identify'
+               if isinstance(e, Image.UnidentifiedImageError) else f'{type(e).__name__}: {e}')
+        raise DataError(f'{path}: cannot read image ({why})') from None
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """The torchvision layout root/<class>/<image files> (.png/.jpg/.jpeg, searched recursively, sorted).
 
     `classes` are the sorted class-folder names, `samples` the (path, label) pairs. Every file's header is read
-    at start-up (size only, no pixels decoded), so images smaller than `min_size` (the training crop) fail before
+    at start-up (size only, no pixels decoded; after the first start-up, from a manifest: data/manifest.py), so images smaller than `min_size` (the training crop) fail before
     training, not hours into it, and so do unreadable files (`strict`), or they are left out with their errors in
     `unreadable`. Returns (uint8 (3, H, W) RGB, label).
     """
@@ -177,19 +188,12 @@ class ImageFolder(torch.utils.data.Dataset):
                 raise DataError(f'{d}: no images ({"/".join(IMAGE_EXTENSIONS)}) in this class folder')
         self.classes = [d.name for d in folders]
         samples = [(p, label) for label, d in enumerate(folders) for p in files[d]]
-        self.samples, self.unreadable = [], []
-        for path, label in tqdm(samples, desc='reading image headers', disable=len(samples) < 1000, leave=False):
-            try:
-                with Image.open(path) as im:                             # lazy: reads the header only
-                    w, h = im.size
-            except Exception as e:                         # (Pillow's UnidentifiedImageError repeats the path)
-                why = ('the file is empty' if path.stat().st_size == 0 else 'not an image Pillow can identify'
-                       if isinstance(e, Image.UnidentifiedImageError) else f'{type(e).__name__}: {e}')
-                if strict or len(self.unreadable) + 1 == len(samples):      # the last file too: nothing to train on
-                    raise DataError(f'{path}: cannot read image ({why})') from None
-                self.unreadable.append(f'{path}: cannot read image ({why})')
-                continue
-            self.samples.append((path, label))
+        headers, self.headers_read = read_headers(root, [p for p, _ in samples], _image_size, 'images')  # data/manifest.py
+        self.unreadable = [h for h in headers if isinstance(h, str)]
+        if self.unreadable and (strict or len(self.unreadable) == len(samples)):   # or nothing is left to train on
+            raise DataError(self.unreadable[0])
+        self.samples = [s for s, h in zip(samples, headers) if not isinstance(h, str)]
+        for (path, _), (w, h) in zip(self.samples, [h for h in headers if not isinstance(h, str)]):
             if min(w, h) < min_size:
                 raise DataError(f'{path}: the image is {w}×{h}, smaller than the {min_size}×{min_size} crop '
                                 f'(--image-size {min_size}); use a smaller --image-size or drop the file')

@@ -1,0 +1,88 @@
+"""A folder's manifest, made once: every file's header (audio length, image size), so start-up reads no headers again.
+
+fairseq reads LibriSpeech through a .tsv manifest written by a separate script (wav2vec_manifest.py: the root on the
+first line, then `path<TAB>frames`). Here the first run over a folder writes it, with the same first line and, per
+file, `path<TAB>size<TAB>mtime_ns<TAB>header fields`: later runs stat every file (no open, no read) and read again
+only the headers of files that are new or whose size or mtime changed, and of files that could not be read before.
+A file that breaks after the manifest was written is still found and skipped mid-run (data.MicroBatches).
+
+Under torchrun rank 0 reads the headers and writes the manifest while the other ranks wait, then they read it.
+The manifest lies in the folder (a hidden .data2vec-<kind>.tsv) or, where the folder is read-only (a shared dataset
+mount), in ~/.cache/data2vec/ under a hash of the folder's path ($XDG_CACHE_HOME is honoured).
+"""
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data import DataError
+
+
+def manifest_path(root, kind):
+    """Where the manifest of `root` lies: in it if writable, else in the user's cache."""
+    root = Path(root).resolve()
+    if os.access(root, os.W_OK):
+        return root / f'.data2vec-{kind}.tsv'
+    cache = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'data2vec'
+    return cache / f'{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}-{kind}.tsv'
+
+
+def _load(path):
+    """{relative path: (size, mtime_ns, (int fields))} from a manifest; {} if there is none or it is unreadable."""
+    try:
+        lines = path.read_text(encoding='utf-8').split('\n')[1:]               # line 1: the root, as fairseq's
+        return {rel: (int(size), int(mtime), tuple(map(int, rest)))
+                for rel, size, mtime, *rest in (line.split('\t') for line in lines if line)}
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+
+
+def _write(path, root, entries):
+    """Write-then-rename, so a reader never sees half a manifest."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
+    lines = [str(root)] + [f'{rel}\t{size}\t{mtime}\t' + '\t'.join(map(str, fields))
+                           for rel, (size, mtime, fields) in entries.items() if not any(c in rel for c in '\t\n')]
+    tmp.write_text('\n'.join(lines) + '\n', encoding='utf-8')
+    os.replace(tmp, path)
+
+
+def read_headers(root, files, read_header, kind, threads=16):
+    """[(int fields) or the DataError message (str)] for `files` under `root`, in order: from the manifest where a file's
+    size and mtime match it, else from read_header(path) → tuple of ints (DataError: unreadable), `threads` at a time
+    (headers are I/O: on a network filesystem most of the time is waiting). → (results, how many headers were read)."""
+    ddp = dist.is_available() and dist.is_initialized()
+    group = dist.new_group(backend='gloo', timeout=timedelta(hours=6)) if ddp else None   # rank 0 may read for hours
+    if ddp and dist.get_rank() != 0:
+        dist.barrier(group)                                                   # wait for rank 0's manifest
+    path = manifest_path(root, kind)
+    known, stats = _load(path), [f.stat() for f in files]
+    rels = [str(Path(f).relative_to(root)) for f in files]                    # files: root/…, as rglob gives them
+    todo = [k for k, (rel, st) in enumerate(zip(rels, stats)) if known.get(rel, (None, None))[:2] != (st.st_size, st.st_mtime_ns)]
+
+    def read(k):
+        try:
+            return read_header(files[k])
+        except DataError as e:
+            return str(e)
+    fresh = {}
+    if todo:
+        with ThreadPoolExecutor(threads) as pool:
+            fresh = dict(zip(todo, tqdm(pool.map(read, todo), total=len(todo), desc=f'reading {kind} headers',
+                                        disable=len(todo) < 2000, leave=False, dynamic_ncols=True)))
+    results = [fresh[k] if k in fresh else known[rel][2] for k, rel in enumerate(rels)]
+    if (todo or len(known) != len(files)) and (not ddp or dist.get_rank() == 0):
+        try:
+            _write(path, Path(root).resolve(), {rel: (st.st_size, st.st_mtime_ns, r) for rel, st, r in zip(rels, stats, results)
+                                if not isinstance(r, str)})                  # unreadable files are tried again next time
+        except OSError as e:
+            print(f'{path}: could not write the manifest ({e.strerror}); the next start-up reads every header again')
+    if ddp and dist.get_rank() == 0:
+        dist.barrier(group)
+    if ddp:
+        dist.destroy_process_group(group)
+    return results, len(todo)
