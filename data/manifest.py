@@ -86,3 +86,20 @@ def read_headers(root, files, read_header, kind, threads=16):
     if ddp:
         dist.destroy_process_group(group)
     return results, len(todo)
+
+
+if __name__ == '__main__':                       # make the manifest before a multi-GPU launch (train.py would make it too)
+    import argparse
+    p = argparse.ArgumentParser(description='python -m data.manifest --kind audio|images --data DIR: read every header under '
+                                            'DIR once and write its manifest (train.py and finetune.py then start without reading them)')
+    p.add_argument('--kind', choices=['audio', 'images'], required=True)
+    p.add_argument('--data', required=True, help='audio: the folder of .wav/.flac; images: the <class>/<image> folder')
+    args = p.parse_args()
+    from data.speech import AudioFolder          # here: data.speech and data.vision import this module
+    from data.vision import ImageFolder
+    try:
+        ds = AudioFolder(args.data, strict=False) if args.kind == 'audio' else ImageFolder(args.data, strict=False)
+    except DataError as e:
+        raise SystemExit(f'data.manifest: error: {e}')
+    print(f'{manifest_path(args.data, args.kind)}: {len(ds):,} files ({ds.headers_read:,} headers read now)'
+          + (f'; {len(ds.unreadable)} unreadable, e.g. {ds.unreadable[0]}' if ds.unreadable else ''))
