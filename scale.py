@@ -9,9 +9,10 @@ in memory (read, tokenize and pack the whole corpus; a BPE trained on it) agains
 (`python -m data.text --prepare` first, its own peak RSS and time reported too). Same preset, same tokenizer size.
 
 startup: a tree of N tiny .wav files (and N tiny .png images in class folders), then the time to build the dataset
-(data.speech.AudioFolder, data.vision.ImageFolder) in a fresh process: the first run (no manifest: every header read)
-with the page cache dropped where this machine allows it (cold, as a first pass over a network filesystem) and not,
-and the later runs (the manifest: one stat per file). Results: a table (.md), the numbers (.json) and a plot (.png).
+(data.speech.AudioFolder, data.vision.ImageFolder) in a fresh process, after its imports: the first run (no
+manifest: every header read) with the page cache dropped where this machine allows it (cold, as a first pass over a
+network filesystem would be) and again warm, then later runs (the manifest: one stat per file). Results: tables
+(.md) and the numbers (.json); memory also a plot (.png).
 Each measurement is resumable: a finished one is kept in the .json and not run again.
 """
 import argparse
@@ -121,9 +122,9 @@ def memory(args):
 STARTUP = """
 import sys, time, resource
 sys.path.insert(0, {root!r})
-t = time.time()
 from data.speech import AudioFolder
 from data.vision import ImageFolder
+t = time.time()                                       # after the imports (torch: about a second)
 ds = (AudioFolder if sys.argv[1] == 'audio' else ImageFolder)(sys.argv[2])
 print(len(ds), ds.headers_read, time.time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
@@ -191,7 +192,7 @@ def startup(args):
         results[key] = dict(kind=kind, files=args.files, runs=runs, manifest_bytes=manifest.stat().st_size)
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1))
-    table = ['| files | run | headers read | dataset built in | peak RSS |', '|---|---|---|---|---|']
+    table = ['| files | run | headers read | dataset built in | process peak RSS |', '|---|---|---|---|---|']
     for r in results.values():
         for k, run in enumerate(r['runs']):
             what = ('first, page cache dropped' if run['cache_dropped'] else 'first (warm page cache)' if run['headers_read']
