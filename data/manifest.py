@@ -51,22 +51,34 @@ def _write(path, root, entries):
     os.replace(tmp, path)
 
 
-def read_headers(root, files, read_header, kind, threads=16):
-    """[(int fields) or the DataError message (str)] for `files` under `root`, in order: from the manifest where a file's
-    size and mtime match it, else from read_header(path) → tuple of ints (DataError: unreadable), `threads` at a time
-    (headers are I/O: on a network filesystem most of the time is waiting). → (results, how many headers were read)."""
+def list_files(root, suffixes):
+    """The files under `root` (following folder links, as Path.rglob) whose suffix, lower-cased, is in `suffixes`: their
+    paths relative to root, as str, in the order sorted() gives their Paths (component by component). Strings, not
+    Paths: at a million files, Path objects cost seconds to build and sort, and hundreds of MB."""
+    found = []
+    for folder, _, names in os.walk(root, followlinks=True):
+        base = os.path.relpath(folder, root)
+        found += [name if base == '.' else f'{base}/{name}' for name in names if os.path.splitext(name)[1].lower() in suffixes]
+    return sorted(found, key=lambda rel: rel.split('/'))
+
+
+def read_headers(root, rels, read_header, kind, threads=16):
+    """[(int fields) or the DataError message (str)] for the files `rels` (list_files) under `root`, in order: from the
+    manifest where a file's size and mtime match it, else from read_header(Path) → tuple of ints (DataError: unreadable),
+    `threads` at a time (headers are I/O: on a network filesystem most of the time is waiting).
+    → (results, how many headers were read)."""
     ddp = dist.is_available() and dist.is_initialized()
     group = dist.new_group(backend='gloo', timeout=timedelta(hours=6)) if ddp else None   # rank 0 may read for hours
     if ddp and dist.get_rank() != 0:
         dist.barrier(group)                                                   # wait for rank 0's manifest
     path = manifest_path(root, kind)
-    known, stats = _load(path), [f.stat() for f in files]
-    rels = [str(Path(f).relative_to(root)) for f in files]                    # files: root/…, as rglob gives them
-    todo = [k for k, (rel, st) in enumerate(zip(rels, stats)) if known.get(rel, (None, None))[:2] != (st.st_size, st.st_mtime_ns)]
+    known = _load(path)
+    stats = [(st.st_size, st.st_mtime_ns) for st in (os.stat(os.path.join(root, rel)) for rel in rels)]
+    todo = [k for k, (rel, st) in enumerate(zip(rels, stats)) if known.get(rel, (None, None))[:2] != st]
 
     def read(k):
         try:
-            return read_header(files[k])
+            return read_header(Path(root, rels[k]))
         except DataError as e:
             return str(e)
     fresh = {}
@@ -75,10 +87,10 @@ def read_headers(root, files, read_header, kind, threads=16):
             fresh = dict(zip(todo, tqdm(pool.map(read, todo), total=len(todo), desc=f'reading {kind} headers',
                                         disable=len(todo) < 2000, leave=False, dynamic_ncols=True)))
     results = [fresh[k] if k in fresh else known[rel][2] for k, rel in enumerate(rels)]
-    if (todo or len(known) != len(files)) and (not ddp or dist.get_rank() == 0):
+    if (todo or len(known) != len(rels)) and (not ddp or dist.get_rank() == 0):
         try:
-            _write(path, Path(root).resolve(), {rel: (st.st_size, st.st_mtime_ns, r) for rel, st, r in zip(rels, stats, results)
-                                if not isinstance(r, str)})                  # unreadable files are tried again next time
+            _write(path, Path(root).resolve(), {rel: (*st, r) for rel, st, r in zip(rels, stats, results)
+                                                if not isinstance(r, str)})    # unreadable files are tried again next time
         except OSError as e:
             print(f'{path}: could not write the manifest ({e.strerror}); the next start-up reads every header again')
     if ddp and dist.get_rank() == 0:

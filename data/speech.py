@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from data import DataError, Repeat
-from data.manifest import read_headers
+from data.manifest import list_files, read_headers
 from encoders import conv_output_length
 from masking import block_mask_1d, span_mask, visible_order
 
@@ -197,11 +197,11 @@ class AudioFolder(torch.utils.data.Dataset):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f'--data {root}: no such directory')
-        self.files = sorted(p for p in root.rglob('*') if p.suffix.lower() in ('.wav', '.flac'))
-        if not self.files:
+        rels = list_files(root, ('.wav', '.flac'))                        # str: data/manifest.py
+        if not rels:
             raise DataError(f'--data {root}: no .wav or .flac files under it')
-        self.sample_rate = sample_rate
-        headers, self.headers_read = read_headers(root, self.files, self._header, 'audio')   # data/manifest.py
+        self.sample_rate, self.files = sample_rate, [root / rel for rel in rels]
+        headers, self.headers_read = read_headers(root, rels, self._header, 'audio')
         self.unreadable = [h for h in headers if isinstance(h, str)]
         if self.unreadable and (strict or len(self.unreadable) == len(self.files)):  # or nothing is left to train on
             raise DataError(self.unreadable[0])

@@ -20,7 +20,7 @@ from PIL import Image
 
 from config import patch_mask_size
 from data import DataError, Repeat
-from data.manifest import read_headers
+from data.manifest import list_files, read_headers
 from masking import block_mask, inverse_block_mask, visible_order
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -180,19 +180,19 @@ class ImageFolder(torch.utils.data.Dataset):
             raise DataError(f'--data {root}: no such directory')
         # hidden folders (.ipynb_checkpoints, .git) are not classes
         folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith('.'))
-        files = {d: sorted(p for p in d.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()) for d in folders}
+        files = {d: [f'{d.name}/{rel}' for rel in list_files(d, IMAGE_EXTENSIONS)] for d in folders}   # str: data/manifest.py
         if not any(files.values()):
             raise DataError(f'--data {root}: no class folders with images under it (expected {root}/<class>/<image files>)')
         for d in folders:
             if not files[d]:
                 raise DataError(f'{d}: no images ({"/".join(IMAGE_EXTENSIONS)}) in this class folder')
         self.classes = [d.name for d in folders]
-        samples = [(p, label) for label, d in enumerate(folders) for p in files[d]]
-        headers, self.headers_read = read_headers(root, [p for p, _ in samples], _image_size, 'images')  # data/manifest.py
+        rels, labels = zip(*[(rel, label) for label, d in enumerate(folders) for rel in files[d]])
+        headers, self.headers_read = read_headers(root, rels, _image_size, 'images')
         self.unreadable = [h for h in headers if isinstance(h, str)]
-        if self.unreadable and (strict or len(self.unreadable) == len(samples)):   # or nothing is left to train on
+        if self.unreadable and (strict or len(self.unreadable) == len(rels)):      # or nothing is left to train on
             raise DataError(self.unreadable[0])
-        self.samples = [s for s, h in zip(samples, headers) if not isinstance(h, str)]
+        self.samples = [(root / rel, label) for rel, label, h in zip(rels, labels, headers) if not isinstance(h, str)]
         for (path, _), (w, h) in zip(self.samples, [h for h in headers if not isinstance(h, str)]):
             if min(w, h) < min_size:
                 raise DataError(f'{path}: the image is {w}×{h}, smaller than the {min_size}×{min_size} crop '

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, models
 from config import parse_train_args
 from conftest import ROOT
 from data import DataError, batches
-from data.manifest import manifest_path
+from data.manifest import list_files, manifest_path
 from data.speech import AudioFolder
 from data.text import (HEADER, TOKENS, SyntheticText, TokenFile, load_tokenizer_file, pack_blocks, prepare_corpus,
                        pretraining_data, read_corpus, train_tokenizer)
@@ -235,3 +235,13 @@ def test_under_torchrun_rank_0_reads_the_headers_and_the_others_the_manifest(tmp
                         str(tmp_path / 'd')], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'rank 0 read 8 headers, 8 files' in r.stdout and 'rank 1 read 0 headers, 8 files' in r.stdout
+
+
+def test_list_files_finds_and_orders_what_sorted_rglob_does(tmp_path):
+    """The file order fixes which sample an index means (and so what a resumed run draws): the same as
+    sorted(Path.rglob), component by component, where a plain string sort would put 'a-b/…' before 'a/…'."""
+    for rel in ['a/x.wav', 'a-b/y.WAV', 'a/b/z.flac', 'A/w.wav', '.hidden/v.wav', 'a/readme.txt', 'ab.wav', 'a/c/.q.wav']:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b'')
+    expected = sorted(p for p in tmp_path.rglob('*') if p.suffix.lower() in ('.wav', '.flac'))
+    assert [tmp_path / rel for rel in list_files(tmp_path, ('.wav', '.flac'))] == expected and len(expected) == 7
