@@ -12,7 +12,6 @@ mount), in ~/.cache/data2vec/ under a hash of the folder's path ($XDG_CACHE_HOME
 """
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -51,6 +50,15 @@ def _write(path, root, entries):
     os.replace(tmp, path)
 
 
+def _size_and_mtime(path):
+    """(size, mtime in ns) of a file; (-1, -1) if it cannot be stat'ed (gone since it was listed: read_header says why)."""
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
+
+
 def list_files(root, suffixes):
     """The files under `root` (following folder links, as Path.rglob) whose suffix, lower-cased, is in `suffixes`: their
     paths relative to root, as str, in the order sorted() gives their Paths (component by component). Strings, not
@@ -62,30 +70,25 @@ def list_files(root, suffixes):
     return sorted(found, key=lambda rel: rel.split('/'))
 
 
-def read_headers(root, rels, read_header, kind, threads=16):
+def read_headers(root, rels, read_header, kind):
     """[(int fields) or the DataError message (str)] for the files `rels` (list_files) under `root`, in order: from the
-    manifest where a file's size and mtime match it, else from read_header(Path) → tuple of ints (DataError: unreadable),
-    `threads` at a time (headers are I/O: on a network filesystem most of the time is waiting).
-    → (results, how many headers were read)."""
+    manifest where a file's size and mtime match it, else from read_header(Path) → tuple of ints (DataError: unreadable).
+    → (results, how many headers were read). (Threads did not help: on this machine's disk 16 of them read image
+    headers 1.7× slower than one, the GIL's contention; scale.py startup.)"""
     ddp = dist.is_available() and dist.is_initialized()
     group = dist.new_group(backend='gloo', timeout=timedelta(hours=6)) if ddp else None   # rank 0 may read for hours
     if ddp and dist.get_rank() != 0:
         dist.barrier(group)                                                   # wait for rank 0's manifest
     path = manifest_path(root, kind)
     known = _load(path)
-    stats = [(st.st_size, st.st_mtime_ns) for st in (os.stat(os.path.join(root, rel)) for rel in rels)]
+    stats = [_size_and_mtime(os.path.join(root, rel)) for rel in rels]
     todo = [k for k, (rel, st) in enumerate(zip(rels, stats)) if known.get(rel, (None, None))[:2] != st]
-
-    def read(k):
-        try:
-            return read_header(Path(root, rels[k]))
-        except DataError as e:
-            return str(e)
     fresh = {}
-    if todo:
-        with ThreadPoolExecutor(threads) as pool:
-            fresh = dict(zip(todo, tqdm(pool.map(read, todo), total=len(todo), desc=f'reading {kind} headers',
-                                        disable=len(todo) < 2000, leave=False, dynamic_ncols=True)))
+    for k in tqdm(todo, desc=f'reading {kind} headers', disable=len(todo) < 2000, leave=False, dynamic_ncols=True):
+        try:
+            fresh[k] = read_header(Path(root, rels[k]))
+        except DataError as e:
+            fresh[k] = str(e)
     results = [fresh[k] if k in fresh else known[rel][2] for k, rel in enumerate(rels)]
     if (todo or len(known) != len(rels)) and (not ddp or dist.get_rank() == 0):
         try:
