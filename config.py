@@ -479,7 +479,9 @@ class FinetuneConfig:
     device: str = knob('auto', 'auto | cpu | cuda')
     seed: int = knob(0, 'random seed: head init, data order, masks (and the weights, for --init scratch)')
     steps: int = knob(0, "updates (default: the recipe's); --steps 0 scores a released fine-tuned model with its own head")
-    batch_size: int = knob(0, 'examples per update')
+    batch_size: int = knob(0, 'examples per update, over all processes and accumulation steps')
+    micro_batch_size: int = knob(0, 'examples per forward pass on one device; accumulation does the rest. 0 = --batch-size / '
+                                    'processes (no accumulation)')
     lr: float = knob(0.0, 'peak learning rate (default: the recipe\'s, higher for --linear-probe)')
     head_lr: float = knob(0.0, "the head's peak learning rate (default: the recipe's, else --lr)")
     schedule: str = knob('', 'tri_stage | cosine (config.lr_at)')
@@ -557,6 +559,7 @@ def parse_finetune_args(argv=None):
               (cfg.seed >= 0 and cfg.ckpt_every >= 1 and cfg.max_bad_steps >= 1, '--seed ≥ 0, --ckpt-every and --max-bad-steps ≥ 1'),
               (cfg.device in ('auto', 'cpu', 'cuda'), f'--device {cfg.device}: choose auto, cpu or cuda'),
               (cfg.steps >= 0, f'--steps {cfg.steps} must be ≥ 0'),
+              (cfg.micro_batch_size >= 0, f'--micro-batch-size {cfg.micro_batch_size} must be ≥ 0 (0: --batch-size / processes)'),
               (not cfg.test_data or cfg.data or (cfg.steps == 0 and 'steps' in cfg.given),
                '--test-data needs --data (except with --steps 0: a released model scored as it is)')]
     for ok, msg in checks:
@@ -565,10 +568,10 @@ def parse_finetune_args(argv=None):
     return cfg
 
 
-def fill_recipe(cfg, preset, version=1):
+def fill_recipe(cfg, preset, version=1, world=1):
     """Knobs not given as flags take the recipe's value (the lr: probe_lr under --linear-probe), so --no-no-decay-1d or
-    --lr 0 mean what they say; a data2vec 2.0 encoder takes RECIPES_V2's where it has one. → None, or the error
-    message of an out-of-range value."""
+    --lr 0 mean what they say; a data2vec 2.0 encoder takes RECIPES_V2's where it has one. --micro-batch-size 0 becomes
+    --batch-size / `world` (the number of processes). → None, or the error message of an out-of-range value."""
     v2 = RECIPES_V2.get((cfg.modality, preset)) if version == 2 else None
     recipe = dict(v2 or RECIPES[cfg.modality][preset])
     probe_lr, head_lr = recipe.pop('probe_lr'), recipe.pop('head_lr', 0.0)
@@ -581,8 +584,12 @@ def fill_recipe(cfg, preset, version=1):
             setattr(cfg, name, value)
     if 'head_lr' not in given:                                    # a probe's head is all that trains: it takes --lr
         cfg.head_lr = head_lr if head_lr and not cfg.linear_probe else cfg.lr
+    cfg.micro_batch_size = cfg.micro_batch_size or cfg.batch_size // world     # saved as resolved: resume checks it
     for ok, msg in [(cfg.steps >= 1 or 'steps' in given, '--steps must be ≥ 1 (0: evaluate a released fine-tuned model)'),
                     (cfg.batch_size >= 1, '--batch-size must be ≥ 1'),
+                    (cfg.micro_batch_size >= 1 and cfg.batch_size % (cfg.micro_batch_size * world) == 0,
+                     f'--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size × processes '
+                     f'({cfg.micro_batch_size} × {world})'),
                     (cfg.lr > 0, f'--lr {cfg.lr} must be > 0'),
                     (cfg.head_lr > 0, f'--head-lr {cfg.head_lr} must be > 0'),
                     (cfg.schedule in ('tri_stage', 'cosine'), f'--schedule {cfg.schedule}: choose tri_stage or cosine'),

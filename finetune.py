@@ -5,6 +5,13 @@
     python finetune.py --modality vision --init runs/vision/checkpoint.pt --linear-probe
     python finetune.py --modality text --init CKPT --data trec/train.txt --test-data trec/test.txt --encoding latin-1
     python finetune.py --modality text --init scratch                               # the same architecture, random weights
+    torchrun --nproc_per_node 8 finetune.py --modality vision --preset base --init CKPT --data DIR --micro-batch-size 32
+
+--batch-size is one update's examples (vision base: 1024) whatever the number of processes: each of the `world`
+processes (torchrun; DDP averages their gradients) accumulates batch / (micro-batch × world) micro-batches of
+--micro-batch-size examples (default batch / world: no accumulation), its share of one stream of micro-batches
+(data.batches), so 8 GPUs make the update that one process accumulating all of them would (tests/test_finetune_ddp.py).
+Above: 1024 = 32 × 4 accumulation × 8 GPUs. Rank 0 alone prints, evaluates and writes the outputs.
 
 The heads are the papers' (HEADS): speech CTC = Linear on the last block, per frame (wav2vec 2.0); speech classify =
 mean over the valid frames → BatchNorm (no affine) → Linear; vision = mean of the last block's patch tokens → LayerNorm
@@ -14,6 +21,7 @@ Flags and recipes are in config.py; each modality's labelled data and batches in
 Outputs in --out: metrics.json, log.jsonl, finetuned.pt.
 """
 import json
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -22,8 +30,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -54,8 +64,6 @@ def load_encoder(cfg):
         rel = load_released(cfg.init)
         if rel.mcfg.modality != cfg.modality:
             raise DataError(f'--init {cfg.init}: a {rel.mcfg.modality} model; --modality is {cfg.modality}')
-        for note in rel.notes:
-            print(f'{cfg.init}: {note}')
         return rel.mcfg, dict(student=rel.encoder, step='released', released=rel), cfg.preset or 'base'
     if cfg.init == 'scratch' and cfg.use_teacher:
         raise DataError('--use-teacher needs a checkpoint, not --init scratch')
@@ -134,7 +142,12 @@ class CTCHead(nn.Module):
 
 class PooledHead(nn.Module):
     """Clip classification (text: --pool mean): mean over the valid frames or tokens → BatchNorm without affine (MAE's
-    linear probe; DEVIATIONS.md) → Linear."""
+    linear probe; DEVIATIONS.md) → Linear.
+
+    Under DDP every process normalises its own micro-batch, as one process accumulating micro-batches does (not
+    SyncBatchNorm, which would normalise over every rank's and so differ from one process at the same micro-batch).
+    The running statistics that evaluation reads are rank 0's: DDP copies rank 0's buffers to the other ranks at the
+    first forward pass of every update, so they follow rank 0's micro-batches only."""
 
     def __init__(self, cfg, n_out):
         super().__init__()
@@ -316,10 +329,16 @@ def evaluate(model, loader, cfg, classes, device, autocast):
 
 def main(argv=None):
     cfg = parse_finetune_args(argv)
-    device, cuda, autocast = pick_device(cfg.device)
-    run = RunState(cfg.out, cfg.resume, device=device)                      # --out checked now; an interrupted run's checkpoint
+    ddp = 'RANK' in os.environ                                                # under torchrun
+    if ddp:
+        dist.init_process_group('nccl' if torch.cuda.is_available() and cfg.device != 'cpu' else 'gloo')
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device, cuda, autocast = pick_device(cfg.device, int(os.environ.get('LOCAL_RANK', 0)))
+    run = RunState(cfg.out, cfg.resume, rank, world, device)                # --out checked now; an interrupted run's checkpoint
     mcfg, ckpt, preset = load_encoder(cfg)
     released = ckpt.get('released') if ckpt else None
+    for note in released.notes if released and run.master else []:
+        print(f'{cfg.init}: {note}')
     own_head = cfg.steps == 0 and 'steps' in cfg.given                      # evaluate a released fine-tuned model as it is
     if own_head and not (released and released.task == cfg.task):
         raise DataError(f'--steps 0 scores a released model with its own {cfg.task} head; --init {cfg.init} has none '
@@ -328,11 +347,15 @@ def main(argv=None):
         raise DataError('--steps 0: the released head reads the last block; leave out --linear-probe and --probe-layers')
     if own_head:                                                              # nothing trains: all of one set is scored
         cfg.data = cfg.test_data = cfg.test_data or cfg.data
-    problem = fill_recipe(cfg, preset, mcfg.version)
+    if run.ckpt and 'micro_batch_size' not in cfg.given:                 # resumed, perhaps on another number of processes:
+        cfg.micro_batch_size = run.ckpt['config']['finetune'].get('micro_batch_size', 0)   # the same micro-batches
+    problem = fill_recipe(cfg, preset, mcfg.version, world)
     if problem:
         raise DataError(problem)
-    changes = run.ckpt and resume_changes(run.ckpt['config']['finetune'], asdict(cfg), RESUMABLE, run.path)
-    seed_all(cfg.seed)
+    accum = cfg.batch_size // (cfg.micro_batch_size * world)                 # the global batch does not depend on the GPU count
+    changes = run.ckpt and resume_changes(run.ckpt['config']['finetune'], asdict(cfg), RESUMABLE, run.path,
+                                          dict(micro_batch_size=cfg.batch_size))   # before the knob: the whole batch at once
+    seed_all(cfg.seed)                                                        # the same head (and scratch weights) on every rank
     train_set, test_set, classes = load_data(cfg, mcfg, released.classes if own_head else None)
     model = Finetuner(build_backbone(mcfg, ckpt, cfg), len(CTC_VOCAB) if cfg.task == 'ctc' else len(classes), cfg.task,
                       cfg.probe_layers, PooledHead if cfg.pool == 'mean' else None).to(device)
@@ -344,59 +367,82 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay, cfg.no_decay_1d,
                                                      cfg.head_lr / cfg.lr), lr=cfg.lr,
                                   betas=(0.9, cfg.adam_beta2), eps=1e-8, **(dict(fused=True) if cuda else dict(foreach=True)))
+    if ddp:
+        seed_all(cfg.seed + rank)                          # different dropout on every rank; one process goes on as before
 
     def restore(state):
         model.load_state_dict(state['model'])
         optimizer.load_state_dict(state['optimizer'])
     resumed = run.restore(cfg.steps, restore)
-    if resumed:
+    if resumed and run.master:
         print(resumed + (f'; changed: {", ".join(changes)}' if changes else ''))
     collate = partial(data.modality(cfg.modality).labelled_collate, cfg=cfg, mcfg=mcfg)
-    stream = batches(train_set, partial(collate, train=True), min(cfg.batch_size, len(train_set)), cfg.seed, workers=cfg.workers,
-                     pin=cuda, start=run.consumed, strict=cfg.strict_data, init_fn=ignore_stop_signals)
+    stream = batches(train_set, partial(collate, train=True), min(cfg.micro_batch_size, len(train_set)), cfg.seed, rank, world,
+                     cfg.workers, pin=cuda, start=run.consumed, strict=cfg.strict_data, init_fn=ignore_stop_signals)
     unreadable = getattr(train_set.base, 'unreadable', None) or []          # left out at start-up
     test_skipped = getattr(test_set.base, 'unreadable', None) or [] if test_set.base is not train_set.base else []
     init = ('scratch' if ckpt is None else f'{cfg.init} (released{", its own head" if own_head else ""})' if released else
             f'{cfg.init} ({"teacher" if cfg.use_teacher else "student"}, step {ckpt["step"]})')
-    print(f'{cfg.modality} {cfg.task}{" (linear probe)" if cfg.linear_probe else ""} from {init}: '
-          f'{0 if own_head else len(train_set)} labelled training and {len(test_set)} held-out examples{f", {len(classes)} classes" if classes else ""}; '
-          f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f} M trainable parameters')
-    for what, errors in (('training', unreadable), ('held-out', test_skipped)):
-        if errors:
-            print(f'skipped {len(errors)} unreadable {what} files (--strict-data stops instead), e.g. {errors[0]}')
+    if run.master:
+        print(f'{cfg.modality} {cfg.task}{" (linear probe)" if cfg.linear_probe else ""} from {init}: '
+              f'{0 if own_head else len(train_set)} labelled training and {len(test_set)} held-out examples{f", {len(classes)} classes" if classes else ""}; '
+              f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f} M trainable parameters; batch '
+              f'{cfg.batch_size} = {cfg.micro_batch_size} × {accum} accumulation × {world} process{"es" if world > 1 else ""}')
+        for what, errors in (('training', unreadable), ('held-out', test_skipped)):
+            if errors:
+                print(f'skipped {len(errors)} unreadable {what} files (--strict-data stops instead), e.g. {errors[0]}')
+    # DDP waits for a gradient of every trainable parameter, and some get none: the whole encoder while it is frozen
+    # (--freeze-steps: a forward under no_grad), and what fine-tuning never reads (v1 vision: the mask token and BEiT's
+    # final LayerNorm, the head pools before it; v1 speech without SpecAugment: the mask embedding). find_unused_parameters
+    # finds them in each forward pass's graph (a warning where there are none: text, v2) and leaves their .grad None, as
+    # on one process, where AdamW then skips them.
+    ddp_model = DDP(model, device_ids=[device.index] if cuda else None, find_unused_parameters=True) if ddp else model
     run.open_log(unreadable)
 
     def state():                                                              # the whole state, to resume exactly
         return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), classes=classes,
                     config=dict(model=asdict(mcfg), finetune=asdict(cfg)))
     t0 = time.time()
-    with StopSignal() as stop, tqdm(total=cfg.steps, initial=run.step, desc='fine-tuning', dynamic_ncols=True) as bar:
+    with StopSignal() as stop, tqdm(total=cfg.steps, initial=run.step, disable=not run.master, desc='fine-tuning',
+                                    dynamic_ncols=True) as bar:
         while run.step < cfg.steps:
-            batch, errors = next(stream)                                      # errors: unreadable samples, replaced
-            run.took_batch(errors)
             model.frozen = cfg.linear_probe or run.step < cfg.freeze_steps
-            model.train()
+            ddp_model.train()
             if cfg.linear_probe:
                 model.backbone.eval()                                         # no dropout in a frozen encoder
             for group in optimizer.param_groups:
                 group['lr'] = lr_at(run.step, cfg) * group['lr_scale']
-            with autocast:
-                loss = loss_fn(model, to_device(batch, device), cfg, cfg.label_smoothing)
-            loss.backward()
+            loss = 0
+            for i in range(accum):                                            # as train.train_step
+                batch, errors = next(stream)                                  # errors: unreadable samples, replaced
+                run.took_batch(errors)
+                sync = i == accum - 1 or not ddp                              # DDP averages the gradients over ranks once
+                with (nullcontext() if sync else ddp_model.no_sync()), autocast:
+                    micro_loss = loss_fn(ddp_model, to_device(batch, device), cfg, cfg.label_smoothing) / accum
+                micro_loss.backward()
+                loss = loss + micro_loss.detach()                             # this rank's mean over its micro-batches
             norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None], foreach=True)
-            applied = update_is_finite(loss, norm)                            # NaN/Inf: skip the update
+            applied = update_is_finite(loss, norm)                            # NaN/Inf on any rank: skip the update
             if applied:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             run.after_update(applied, loss, norm, cfg.max_bad_steps)
             bar.update(int(applied))
             if run.due(cfg.log_every, cfg.steps, applied):
-                rec = run.log(loss=run.loss_sum.item() / (run.step - run.last_log), lr=lr_at(run.step - 1, cfg),
+                loss_sum = run.loss_sum.clone()
+                if ddp:
+                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)           # over the ranks: the whole batches'
+                rec = run.log(loss=loss_sum.item() / (run.step - run.last_log), lr=lr_at(run.step - 1, cfg),
                               elapsed_s=time.time() - t0)
                 bar.set_postfix(loss=f'{rec["loss"]:.3f}')
             if run.due(cfg.ckpt_every, cfg.steps, applied):                   # the last one: evaluation may be killed
                 run.save(state())
             run.stop_if_signalled(stop, cfg.steps, state, 'finetune.py', argv or sys.argv[1:], bar)
+    if ddp:                                # every rank reaches the end before any tears gloo down; rank 0 goes on alone
+        dist.barrier()
+        dist.destroy_process_group()
+    if not run.master:
+        return
     run.log_file.close()
     save(run.out / 'finetuned.pt', dict(model=model.state_dict(), config=dict(model=asdict(mcfg), finetune=asdict(cfg)),
                                         classes=classes))

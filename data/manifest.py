@@ -6,7 +6,8 @@ file, `path<TAB>size<TAB>mtime_ns<TAB>header fields`: later runs stat every file
 only the headers of files that are new or whose size or mtime changed, and of files that could not be read before.
 A file that breaks after the manifest was written is still found and skipped mid-run (data.MicroBatches).
 
-Under torchrun rank 0 reads the headers and writes the manifest while the other ranks wait, then they read it.
+Under torchrun each machine's local rank 0 reads the headers and writes the manifest while the other ranks wait,
+then they read it (several machines sharing one filesystem write the same file, each by an atomic rename).
 The manifest lies in the folder (a hidden .data2vec-<kind>.tsv) or, where the folder is read-only (a shared dataset
 mount), in ~/.cache/data2vec/ under a hash of the folder's path ($XDG_CACHE_HOME is honoured).
 """
@@ -33,7 +34,8 @@ def manifest_path(root, kind):
 def _load(path):
     """{relative path: (size, mtime_ns, (int fields))} from a manifest; {} if there is none or it is unreadable."""
     try:
-        lines = path.read_text(encoding='utf-8').split('\n')[1:]               # line 1: the root, as fairseq's
+        with open(path, encoding='utf-8', errors='surrogateescape', newline='') as f:   # names as os.listdir gives them
+            lines = f.read().split('\n')[1:]                                  # line 1: the root, as fairseq's
         return {rel: (int(size), int(mtime), tuple(map(int, rest)))
                 for rel, size, mtime, *rest in (line.split('\t') for line in lines if line)}
     except (OSError, ValueError, UnicodeDecodeError):
@@ -45,8 +47,9 @@ def _write(path, root, entries):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
     lines = [str(root)] + [f'{rel}\t{size}\t{mtime}\t' + '\t'.join(map(str, fields))
-                           for rel, (size, mtime, fields) in entries.items() if not any(c in rel for c in '\t\n')]
-    tmp.write_text('\n'.join(lines) + '\n', encoding='utf-8')
+                           for rel, (size, mtime, fields) in entries.items() if not any(c in rel for c in '\t\n\r')]
+    with open(tmp, 'w', encoding='utf-8', errors='surrogateescape', newline='') as f:   # a name with a tab or line break
+        f.write('\n'.join(lines) + '\n')                                  # is left out: it is read again next time
     os.replace(tmp, path)
 
 
@@ -60,13 +63,19 @@ def _size_and_mtime(path):
 
 
 def list_files(root, suffixes):
-    """The files under `root` (following folder links, as Path.rglob) whose suffix, lower-cased, is in `suffixes`: their
-    paths relative to root, as str, in the order sorted() gives their Paths (component by component). Strings, not
-    Paths: at a million files, Path objects cost seconds to build and sort, and hundreds of MB."""
-    found = []
-    for folder, _, names in os.walk(root, followlinks=True):
-        base = os.path.relpath(folder, root)
-        found += [name if base == '.' else f'{base}/{name}' for name in names if os.path.splitext(name)[1].lower() in suffixes]
+    """The files under `root` (and links to files; not into linked folders, as Path.rglob) whose suffix, lower-cased, is
+    in `suffixes`: their paths relative to root, as str, in the order sorted() gives their Paths (component by
+    component). Strings, not Paths: at a million files, Path objects cost seconds to build and sort, and MBs."""
+    found, folders = [], ['']
+    while folders:
+        rel = folders.pop()
+        with os.scandir(os.path.join(root, rel)) as entries:
+            for e in entries:                               # DirEntry: the type from the listing, no stat for plain files
+                path = f'{rel}/{e.name}' if rel else e.name
+                if e.is_dir(follow_symlinks=False):
+                    folders.append(path)
+                elif os.path.splitext(e.name)[1].lower() in suffixes and e.is_file():
+                    found.append(path)
     return sorted(found, key=lambda rel: rel.split('/'))
 
 
@@ -76,9 +85,10 @@ def read_headers(root, rels, read_header, kind):
     → (results, how many headers were read). (Threads did not help: on this machine's disk 16 of them read image
     headers 1.7× slower than one, the GIL's contention; scale.py startup.)"""
     ddp = dist.is_available() and dist.is_initialized()
-    group = dist.new_group(backend='gloo', timeout=timedelta(hours=6)) if ddp else None   # rank 0 may read for hours
-    if ddp and dist.get_rank() != 0:
-        dist.barrier(group)                                                   # wait for rank 0's manifest
+    first = not ddp or int(os.environ.get('LOCAL_RANK', dist.get_rank() if ddp else 0)) == 0   # one reader per machine
+    group = dist.new_group(backend='gloo', timeout=timedelta(hours=6)) if ddp else None   # it may read for hours
+    if not first:
+        dist.barrier(group)                                                   # wait for its manifest
     path = manifest_path(root, kind)
     known = _load(path)
     stats = [_size_and_mtime(os.path.join(root, rel)) for rel in rels]
@@ -90,13 +100,13 @@ def read_headers(root, rels, read_header, kind):
         except DataError as e:
             fresh[k] = str(e)
     results = [fresh[k] if k in fresh else known[rel][2] for k, rel in enumerate(rels)]
-    if (todo or len(known) != len(rels)) and (not ddp or dist.get_rank() == 0):
+    if (todo or len(known) != len(rels)) and first:
         try:
             _write(path, Path(root).resolve(), {rel: (*st, r) for rel, st, r in zip(rels, stats, results)
                                                 if not isinstance(r, str)})    # unreadable files are tried again next time
         except OSError as e:
             print(f'{path}: could not write the manifest ({e.strerror}); the next start-up reads every header again')
-    if ddp and dist.get_rank() == 0:
+    if ddp and first:
         dist.barrier(group)
     if ddp:
         dist.destroy_process_group(group)

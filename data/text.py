@@ -245,7 +245,7 @@ def iter_documents(files, encoding='utf-8', unreadable=None, bar=None):
             paragraphs = []
         read = read or bool(paragraphs)
         yield from paragraphs
-        if bar is not None:
+        if bar is not None and f.is_file():
             bar.update(f.stat().st_size)
 
 
@@ -456,8 +456,10 @@ def prepare_corpus(data_path, out, vocab_size=50_000, tokenizer_path='', encodin
     one file's text and `chunk` documents' ids at a time. Unreadable files are skipped and listed (strict: an error).
     → the header dict."""
     out, files, unreadable = Path(out), corpus_files(data_path), None if strict else []
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f'--out {out}: exists and is not an empty folder; choose a new one')
+    ours = {TOKENS, f'{TOKENS}.tmp', 'tokenizer.json'}                   # what an interrupted --prepare leaves
+    if out.exists() and (not out.is_dir() or any(p.name not in ours for p in out.iterdir())):
+        raise DataError(f'--out {out}: holds {"a prepared corpus" if (out / HEADER).exists() else "other files"}; '
+                        'choose a new folder')
     size = sum(f.stat().st_size for f in files)
     bar = partial(tqdm, total=size, unit='B', unit_scale=True, dynamic_ncols=True)
     if tokenizer_path:
@@ -534,11 +536,11 @@ def pretraining_data(mcfg, cfg, resume_dir=None):
     `resume_dir`, or a BPE trained here) and the documents packed into blocks in memory. Sets mcfg.vocab_size and pad_id.
     Files that do not decode are listed in `dataset.unreadable` (--strict-data: an error)."""
     prepared = bool(cfg.data) and (Path(cfg.data) / HEADER).is_file()
-    if prepared and cfg.tokenizer:
-        raise DataError(f'--tokenizer {cfg.tokenizer}: --data {cfg.data} is a prepared corpus, tokenized with its own '
-                        'tokenizer.json; leave --tokenizer out')
     if prepared:
         tokenizer = load_tokenizer_file(Path(cfg.data) / 'tokenizer.json')
+        if cfg.tokenizer and read_tokenizer(cfg.tokenizer).get_vocab() != tokenizer.get_vocab():   # e.g. --init's
+            raise DataError(f'--tokenizer {cfg.tokenizer}: --data {cfg.data} was prepared with another tokenizer (its '
+                            'tokenizer.json); prepare it again with this one, or leave --tokenizer out')
     else:
         unreadable = None if cfg.strict_data else []
         documents = read_corpus(cfg.data, cfg.encoding, unreadable) if cfg.data else SyntheticText(seed=0).documents()

@@ -160,8 +160,8 @@ def _image_size(path):
         with Image.open(path) as im:                                     # lazy: reads the header only
             return im.size
     except Exception as e:                                 # (Pillow's UnidentifiedImageError repeats the path)
-        why = ('the file is empty' if path.stat().st_size == 0 else 'not an image Pillow can identify'
-               if isinstance(e, Image.UnidentifiedImageError) else f'{type(e).__name__}: {e}')
+        why = ('no such file (gone, or a broken link)' if not path.is_file() else 'the file is empty' if path.stat().st_size == 0
+               else 'not an image Pillow can identify' if isinstance(e, Image.UnidentifiedImageError) else f'{type(e).__name__}: {e}')
         raise DataError(f'{path}: cannot read image ({why})') from None
 
 

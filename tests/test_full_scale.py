@@ -147,13 +147,38 @@ def test_v2_skips_a_prepared_block_of_too_few_ordinary_tokens(tmp_path):
     assert bad == [i for i, row in enumerate(stream) if (row != eos).sum() < need] and 0 < len(bad) < len(dataset)
 
 
-def test_prepare_refuses_a_folder_in_use_and_a_second_tokenizer(tmp_path, corpus):
+def test_prepare_refuses_a_finished_corpus_and_train_another_tokenizer(tmp_path, corpus):
+    """--prepare never overwrites a prepared corpus (an interrupted one's leftovers it does); train.py takes a prepared
+    corpus with its own tokenizer, or a --tokenizer (--init's) with the same vocabulary, and refuses another."""
     src, prepared = corpus
     r = subprocess.run([sys.executable, '-m', 'data.text', '--prepare', '--data', str(src), '--out', str(prepared)],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and 'not an empty folder' in r.stderr.strip().splitlines()[-1]
-    r = cli('train.py', *TINY, '--data', str(prepared), '--tokenizer', str(prepared / 'tokenizer.json'), '--out', str(tmp_path / 'x'))
-    assert r.returncode == 1 and 'leave --tokenizer out' in r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and 'holds a prepared corpus' in r.stderr.strip().splitlines()[-1]
+    (tmp_path / 'cut').mkdir()
+    (tmp_path / 'cut' / f'{TOKENS}.tmp').write_bytes(b'\0' * 10)                  # a --prepare killed mid-way
+    assert prepare_corpus(src, tmp_path / 'cut', tokenizer_path=prepared / 'tokenizer.json')['tokens'] > 0
+    other = train_tokenizer(read_corpus(src), 300)
+    other.save(str(tmp_path / 'other.json'))
+    r = cli('train.py', *TINY, '--data', str(prepared), '--tokenizer', str(tmp_path / 'other.json'), '--out', str(tmp_path / 'x'))
+    assert r.returncode == 1 and 'prepared with another tokenizer' in r.stderr.strip().splitlines()[-1]
+    mcfg, cfg = parse_train_args(TINY + ['--data', str(prepared), '--tokenizer', str(prepared / 'tokenizer.json')])
+    assert len(pretraining_data(mcfg, cfg)[0]) > 0
+
+
+def test_prepare_across_chunks_and_past_an_unreadable_file(tmp_path, corpus):
+    """Documents encoded 7 at a time (the </s> between chunks) and a file that does not decode (skipped, listed in the
+    header): still pack_blocks' blocks of the readable documents."""
+    src, prepared = corpus
+    data = tmp_path / 'data'
+    data.mkdir()
+    for f in src.glob('*.txt'):
+        (data / f.name).write_bytes(f.read_bytes())
+    (data / 'part1b.txt').write_bytes(b'caf\xe9 latin-1 text\n')
+    header = prepare_corpus(data, tmp_path / 'out', tokenizer_path=prepared / 'tokenizer.json', chunk=7)
+    assert len(header['unreadable']) == 1 and 'part1b.txt' in header['unreadable'][0]
+    tok = load_tokenizer_file(prepared / 'tokenizer.json')
+    expected, got = pack_blocks(read_corpus(src), tok, 32), TokenFile(tmp_path / 'out', 32, tok)
+    assert len(got) == len(expected) and all(torch.equal(got[i][0], expected[i]) for i in range(len(got)))
 
 
 # ---------------------------------------------------------------------------------------------- speech and images: manifest
@@ -238,10 +263,26 @@ def test_under_torchrun_rank_0_reads_the_headers_and_the_others_the_manifest(tmp
 
 
 def test_list_files_finds_and_orders_what_sorted_rglob_does(tmp_path):
-    """The file order fixes which sample an index means (and so what a resumed run draws): the same as
-    sorted(Path.rglob), component by component, where a plain string sort would put 'a-b/…' before 'a/…'."""
+    """The file order fixes which sample an index means (and so what a resumed run draws): the same files as
+    sorted(Path.rglob) (links to files followed, linked folders not), component by component, where a plain string
+    sort would put 'a-b/…' before 'a/…'; broken links and folders named like files are not files."""
     for rel in ['a/x.wav', 'a-b/y.WAV', 'a/b/z.flac', 'A/w.wav', '.hidden/v.wav', 'a/readme.txt', 'ab.wav', 'a/c/.q.wav']:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b'')
-    expected = sorted(p for p in tmp_path.rglob('*') if p.suffix.lower() in ('.wav', '.flac'))
-    assert [tmp_path / rel for rel in list_files(tmp_path, ('.wav', '.flac'))] == expected and len(expected) == 7
+    (tmp_path / 'linked').symlink_to(tmp_path / 'a')                          # a folder link: not followed
+    (tmp_path / 'a' / 'link.wav').symlink_to(tmp_path / 'ab.wav')             # a file link: a file
+    (tmp_path / 'a' / 'broken.wav').symlink_to(tmp_path / 'gone.wav')         # a broken link: not a file
+    (tmp_path / 'dir.wav').mkdir()
+    expected = sorted(p for p in tmp_path.rglob('*') if p.suffix.lower() in ('.wav', '.flac') and p.is_file())
+    assert [tmp_path / rel for rel in list_files(tmp_path, ('.wav', '.flac'))] == expected and len(expected) == 8
+
+
+def test_odd_file_names_do_not_void_the_manifest(tmp_path):
+    """A name that is not UTF-8 is kept (as os.listdir's surrogates); one with a line break is left out of the manifest
+    and read again each time, while the others still come from it."""
+    (tmp_path / 'c').mkdir()
+    for name in (b'plain.png', b'odd\xff.png', b'line\rbreak.png'):
+        Image.new('RGB', (9, 7)).save(os.path.join(os.fsencode(tmp_path / 'c'), name).decode('utf-8', 'surrogateescape'))
+    assert ImageFolder(tmp_path).headers_read == 3
+    again = ImageFolder(tmp_path)
+    assert again.headers_read == 1 and len(again) == 3 and all(again[i][0].shape == (3, 7, 9) for i in range(3))

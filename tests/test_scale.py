@@ -1,5 +1,5 @@
 """What full-scale GPU training relies on, checked on the CPU: DDP over 2 processes equals one process at the same
-global batch, and the data2vec step compiles into one graph (README, "Full scale on GPUs").
+global batch, and the data2vec step compiles into one graph (README, "Full scale").
 
     OMP_NUM_THREADS=1 pytest tests/test_scale.py
 """
