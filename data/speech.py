@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from data import DataError, Repeat
-from data.manifest import list_files, read_headers
+from data.manifest import FileList, list_files, read_headers
 from encoders import conv_output_length
 from masking import block_mask_1d, span_mask, visible_order
 
@@ -200,19 +200,19 @@ class AudioFolder(torch.utils.data.Dataset):
         rels = list_files(root, ('.wav', '.flac'))                        # str: data/manifest.py
         if not rels:
             raise DataError(f'--data {root}: no .wav or .flac files under it')
-        self.sample_rate, self.files = sample_rate, [root / rel for rel in rels]
+        self.sample_rate = sample_rate
         headers, self.headers_read = read_headers(root, rels, self._header, 'audio')
         self.unreadable = [h for h in headers if isinstance(h, str)]
-        if self.unreadable and (strict or len(self.unreadable) == len(self.files)):  # or nothing is left to train on
+        if self.unreadable and (strict or len(self.unreadable) == len(rels)):      # or nothing is left to train on
             raise DataError(self.unreadable[0])
         lengths = [-1 if isinstance(h, str) else round(h[0] * sample_rate / h[1]) for h in headers]
-        self.skipped = [p for p, n in zip(self.files, lengths) if 0 <= n < min_samples]
+        self.skipped = [root / rel for rel, n in zip(rels, lengths) if 0 <= n < min_samples]
         self.notes = [f'skipped {len(self.skipped)} files shorter than {min_samples / sample_rate} s, e.g. {self.skipped[0]}'] \
             if self.skipped else []
-        kept = [(p, n) for p, n in zip(self.files, lengths) if n >= min_samples]
+        kept = [(rel, n) for rel, n in zip(rels, lengths) if n >= min_samples]
         if not kept:
             raise DataError(f'--data {root}: every audio file is shorter than {min_samples} samples')
-        self.files, self.lengths = map(list, zip(*kept))
+        self.files, self.lengths = FileList(root, [rel for rel, _ in kept]), [n for _, n in kept]   # files[i] → Path
         self.transcripts, self.transcript_lines = {}, {}                 # id → text, id → 'file:line' (for errors)
         for tf in sorted(root.rglob('*.trans.txt')):
             for n, line in enumerate(tf.read_text(encoding='utf-8').splitlines(), 1):

@@ -20,7 +20,7 @@ from PIL import Image
 
 from config import patch_mask_size
 from data import DataError, Repeat
-from data.manifest import list_files, read_headers
+from data.manifest import FileList, list_files, read_headers
 from masking import block_mask, inverse_block_mask, visible_order
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -168,9 +168,9 @@ def _image_size(path):
 class ImageFolder(torch.utils.data.Dataset):
     """The torchvision layout root/<class>/<image files> (.png/.jpg/.jpeg, searched recursively, sorted).
 
-    `classes` are the sorted class-folder names, `samples` the (path, label) pairs. Every file's header is read
-    at start-up (size only, no pixels decoded; after the first start-up, from a manifest: data/manifest.py), so images smaller than `min_size` (the training crop) fail before
-    training, not hours into it, and so do unreadable files (`strict`), or they are left out with their errors in
+    `classes` are the sorted class-folder names, `files` (FileList) and `labels` the images and their classes. Every
+    file's header is read at start-up (size only, no pixels decoded; after the first start-up, from a manifest:
+    data/manifest.py), so images smaller than `min_size` (the training crop) fail before training, not hours into it, and so do unreadable files (`strict`), or they are left out with their errors in
     `unreadable`. Returns (uint8 (3, H, W) RGB, label).
     """
 
@@ -192,18 +192,24 @@ class ImageFolder(torch.utils.data.Dataset):
         self.unreadable = [h for h in headers if isinstance(h, str)]
         if self.unreadable and (strict or len(self.unreadable) == len(rels)):      # or nothing is left to train on
             raise DataError(self.unreadable[0])
-        self.samples = [(root / rel, label) for rel, label, h in zip(rels, labels, headers) if not isinstance(h, str)]
-        for (path, _), (w, h) in zip(self.samples, [h for h in headers if not isinstance(h, str)]):
+        kept = [(rel, label, size) for rel, label, size in zip(rels, labels, headers) if not isinstance(size, str)]
+        for rel, _, (w, h) in kept:
             if min(w, h) < min_size:
-                raise DataError(f'{path}: the image is {w}×{h}, smaller than the {min_size}×{min_size} crop '
+                raise DataError(f'{root / rel}: the image is {w}×{h}, smaller than the {min_size}×{min_size} crop '
                                 f'(--image-size {min_size}); use a smaller --image-size or drop the file')
+        self.files = FileList(root, [rel for rel, _, _ in kept])                      # files[i] → Path
+        self.labels = np.array([label for _, label, _ in kept], np.int32)              # (N,)
+
+    @property
+    def samples(self):
+        """[(Path, label)], built when asked for (the dataset holds files and labels as arrays)."""
+        return list(zip(self.files, self.labels.tolist()))
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.files)
 
     def __getitem__(self, i):
-        path, label = self.samples[i]
-        return _read_image(path), label
+        return _read_image(self.files[i]), int(self.labels[i])
 
 
 # ---------------------------------------------------------------------------------------------- augmentation
@@ -316,7 +322,7 @@ def bench_data(mcfg, cfg, size, seconds=None, seed=0):
 def labelled_set(path, cfg, mcfg):
     """(ImageFolder of (image, label), the class names of its items); smaller images are resized up."""
     ds = ImageFolder(path, strict=cfg.strict_data)
-    return ds, [ds.classes[label] for _, label in ds.samples]
+    return ds, [ds.classes[label] for label in ds.labels.tolist()]
 
 
 def embedded(split, mcfg):

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, models
 from config import parse_train_args
 from conftest import ROOT
 from data import DataError, batches
-from data.manifest import list_files, manifest_path
+from data.manifest import FileList, list_files, manifest_path
 from data.speech import AudioFolder
 from data.text import (HEADER, TOKENS, SyntheticText, TokenFile, load_tokenizer_file, pack_blocks, prepare_corpus,
                        pretraining_data, read_corpus, train_tokenizer)
@@ -286,3 +286,14 @@ def test_odd_file_names_do_not_void_the_manifest(tmp_path):
     assert ImageFolder(tmp_path).headers_read == 3
     again = ImageFolder(tmp_path)
     assert again.headers_read == 1 and len(again) == 3 and all(again[i][0].shape == (3, 7, 9) for i in range(3))
+
+
+def test_file_list_holds_the_names_as_bytes_and_gives_paths(tmp_path):
+    """FileList: one bytes array (no Python object per file, so loader workers share it), items the Paths of the
+    names given, odd ones included; a dataset's files are one."""
+    rels = ['a/b.wav', 'c.wav', os.fsdecode(b'odd\xff.wav'), 'longer/name/here.flac']
+    files = FileList(tmp_path, rels)
+    assert files.rels.dtype.kind == 'S' and files.rels.nbytes == len(rels) * max(len(os.fsencode(r)) for r in rels)
+    assert list(files) == [tmp_path / r for r in rels] and files[1:3] == [tmp_path / r for r in rels[1:3]]
+    _wavs(tmp_path / 'd', 3)
+    assert isinstance(AudioFolder(tmp_path / 'd').files, FileList)
