@@ -276,7 +276,7 @@ def main(argv=None):
                     dist.all_reduce(loss, op=dist.ReduceOp.AVG)
                 loss, (target_var, pred_var) = loss.item(), update_stds(stats, ddp)   # the same collapse decision on every rank
                 now = time.time()
-                rec = run.log(loss=loss, lr=lr_at(run.step - 1, cfg),
+                run.log(loss=loss, lr=lr_at(run.step - 1, cfg),
                               ema_decay=ema_decay_at(run.step, cfg.ema_start, cfg.ema_end, cfg.ema_anneal_steps),
                               target_var=target_var, pred_var=pred_var,
                               samples_per_s=(run.step - run.last_log) * cfg.batch_size / (now - t0),

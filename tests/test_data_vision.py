@@ -153,8 +153,6 @@ def test_image_modes_become_rgb(tmp_path):
 
 
 def test_bad_files_get_errors_naming_them(tmp_path):
-    good = _png(tmp_path / 'ok' / 'good.png', size=(64, 64))
-    data = good.read_bytes()
     for name, content in {'empty.png': b'', 'garbage.jpg': b'this is not a JPEG' * 20}.items():
         root = tmp_path / name.split('.')[0]
         _png(root / 'c' / 'fine.png')
