@@ -30,7 +30,7 @@ def manifest_path(root, kind):
     if os.access(root, os.W_OK):
         return root / f'.data2vec-{kind}.tsv'
     cache = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'data2vec'
-    return cache / f'{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}-{kind}.tsv'
+    return cache / f'{root.name}-{hashlib.sha1(os.fsencode(root)).hexdigest()[:12]}-{kind}.tsv'
 
 
 def _load(path):
@@ -71,13 +71,16 @@ def list_files(root, suffixes):
     found, folders = [], ['']
     while folders:
         rel = folders.pop()
-        with os.scandir(os.path.join(root, rel)) as entries:
-            for e in entries:                               # DirEntry: the type from the listing, no stat for plain files
-                path = f'{rel}/{e.name}' if rel else e.name
-                if e.is_dir(follow_symlinks=False):
-                    folders.append(path)
-                elif os.path.splitext(e.name)[1].lower() in suffixes and e.is_file():
-                    found.append(path)
+        try:
+            with os.scandir(os.path.join(root, rel)) as entries:
+                for e in entries:                           # DirEntry: the type from the listing, no stat for plain files
+                    path = f'{rel}/{e.name}' if rel else e.name
+                    if e.is_dir(follow_symlinks=False):
+                        folders.append(path)
+                    elif os.path.splitext(e.name)[1].lower() in suffixes and e.is_file():
+                        found.append(path)
+        except PermissionError:                             # a folder we may not list is skipped, as rglob skips it
+            continue
     return sorted(found, key=lambda rel: rel.split('/'))
 
 

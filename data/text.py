@@ -319,9 +319,10 @@ def tokenizer_cache_path(data_path, vocab_size):
 
 
 def train_tokenizer(documents, vocab_size, cache=None):
-    """Train a byte-level BPE of at most `vocab_size` tokens on `documents` (a list of str; without `cache`, any stream of them): the SPECIALS at ids 0..4,
-    the 256 byte symbols, then merges. With `cache` (a .json path), a tokenizer saved there for the same vocab_size
-    and the same documents (SHA-1 of the text) is loaded instead; otherwise the new one is saved there."""
+    """Train a byte-level BPE of at most `vocab_size` tokens on `documents` (a list of str; without `cache`, any stream
+    of them): the SPECIALS at ids 0..4, the 256 byte symbols, then merges. With `cache` (a .json path), a tokenizer
+    saved there for the same vocab_size and the same documents (SHA-1 of the text) is loaded instead; otherwise the
+    new one is saved there."""
     minimum = 256 + len(SPECIALS)
     if vocab_size < minimum:
         raise DataError(f'--vocab-size {vocab_size}: a byte-level BPE needs at least {minimum} '
