@@ -113,9 +113,7 @@ def memory(args):
             table.append(f'\n{mode.replace("_", " ")}: {slope:.1f} bytes of peak RSS per token of corpus '
                          f'({a["megabytes"]:g} → {b["megabytes"]:g} MB)')
     (out / 'memory.md').write_text('\n'.join(table) + '\n')
-    plot(out / 'memory.png', 'corpus (MB of text)', 'peak RSS (MiB)', 'train.py --modality text: peak memory',
-         {'in memory': ([r['megabytes'] for r in rows], [r['in_memory_rss_mib'] for r in rows]),
-          'prepared (read in place)': ([r['megabytes'] for r in rows], [r['prepared_rss_mib'] for r in rows])}, log=True)
+    plot_memory(rows, out / 'memory.png')
     print('\n'.join(table))
 
 
@@ -204,16 +202,15 @@ def startup(args):
     print('\n'.join(table))
 
 
-def plot(path, xlabel, ylabel, title, series, log=False):
+def plot_memory(rows, path):
+    """Peak RSS against corpus size, in memory and prepared."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, (x, y) in series.items():
-        ax.plot(x, y, 'o-', label=name)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    if log:
-        ax.set_xscale('log')
+    for mode, name in (('in_memory', 'in memory'), ('prepared', 'prepared (read in place)')):
+        ax.plot([r['megabytes'] for r in rows], [r[f'{mode}_rss_mib'] for r in rows], 'o-', label=name)
+    ax.set(xlabel='corpus (MB of text)', ylabel='peak RSS (MiB)', title='train.py --modality text: peak memory', xscale='log')
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

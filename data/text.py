@@ -402,6 +402,11 @@ def ordinary_ids(tokenizer):
     return lo, hi
 
 
+def ordinary_count(blocks, lo, hi):
+    """How many ordinary ids [lo, hi) each block holds: blocks (..., T) → (...)."""
+    return ((blocks >= lo) & (blocks < hi)).sum(-1)
+
+
 # ---------------------------------------------------------------------------------------------- packing
 def pack_blocks(documents, tokenizer, block_size=512, chunk=4096):
     """Tokenize the documents (no specials), join them into one stream with </s> between documents, cut it into
@@ -524,7 +529,7 @@ class TokenFile(TokenBlocks):
         block = torch.from_numpy(np.concatenate([[self.bos], ids, [self.eos]]).astype(np.int64))   # (T,)
         if self.need:
             lo, hi, n = self.need
-            if (have := int(((block >= lo) & (block < hi)).sum())) < n:
+            if (have := int(ordinary_count(block, lo, hi))) < n:
                 raise DataError(f'{self.path}: block {i} holds {have} ordinary tokens (the rest are </s> between short '
                                 f'documents), fewer than the {n} that --mask-prob masks')
         return block, 0
@@ -556,8 +561,7 @@ def pretraining_data(mcfg, cfg, resume_dir=None):
     else:
         dataset = TokenBlocks(pack_blocks(documents, tokenizer, cfg.block_size), tokenizer, unreadable)
     if mcfg.version == 2 and not prepared:                               # a prepared corpus checks each block as it reads it
-        fewest = int(((dataset.blocks >= lo) & (dataset.blocks < hi)).sum(1).min())
-        if fewest < count:
+        if (fewest := int(ordinary_count(dataset.blocks, lo, hi).min())) < count:
             raise DataError(f'a block of {cfg.block_size} tokens holds only {fewest} ordinary tokens (the rest are </s> between '
                             f'short documents), fewer than the {count} that --mask-prob {cfg.mask_prob} masks; use a larger '
                             '--block-size, a smaller --mask-prob, or longer documents')
